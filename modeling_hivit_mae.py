@@ -1,0 +1,858 @@
+"""PyTorch HiViT-MAE: the HiViT encoder with masked-autoencoder pre-training, numerically matching mmpretrain 1.2.0's
+`MAE` with `MAEHiViT`, `MAEPretrainDecoder` and `MAEPretrainHead`."""
+
+import collections.abc
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+try:  # transformers >= 5: these skip tensors that `from_pretrained` has already loaded
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x guards whole modules instead
+    from torch.nn import init
+
+try:  # relative import when loaded as Hub remote code (a transformers dynamic module)
+    from .configuration_hivit_mae import HiViTMAEConfig
+except ImportError:  # absolute import when installed as a top-level module
+    from configuration_hivit_mae import HiViTMAEConfig
+
+
+@dataclass
+class HiViTMAEModelOutput(ModelOutput):
+    r"""
+    Output of [`HiViTMAEModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_visible_patches, hidden_size)`):
+            Main-stage features of the visible patches, in the order of `ids_restore`'s shuffle (patch order when
+            nothing is masked). HiViT has no final norm.
+        mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
+            1 for masked patches, 0 for visible ones, in patch (raster) order.
+        ids_restore (`torch.LongTensor` of shape `(batch_size, num_patches)`):
+            Position of each patch in the shuffled sequence (visible patches first).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            One tensor per stem stage, taken before its patch merge, of shape
+            `(batch_size, num_visible_patches, inner, inner, stage_hidden_size)`; then the main-stage input and the
+            output of every main-stage layer, of shape `(batch_size, num_visible_patches, hidden_size)`.
+        reshaped_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`
+            and nothing is masked):
+            The same states as feature maps `(batch_size, stage_hidden_size, height / stride, width / stride)`:
+            strides 4, 8 and 16 for the default three stages, a feature pyramid for dense tasks.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Attention probabilities of every main-stage layer, `(batch_size, num_heads, seq_len, seq_len)`.
+    """
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    mask: Optional[torch.FloatTensor] = None
+    ids_restore: Optional[torch.LongTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    reshaped_hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class HiViTMAEForPreTrainingOutput(ModelOutput):
+    r"""
+    Output of [`HiViTMAEForPreTraining`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            Mean squared error of the predicted pixels (per-patch normalised when `config.norm_pix_loss`) over the
+            masked patches; over all patches when nothing is masked.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_size ** 2 * num_channels)`):
+            Predicted pixels of every patch, in patch order (see [`HiViTMAEForPreTraining.unpatchify`]).
+        mask, ids_restore, hidden_states, reshaped_hidden_states, attentions:
+            As in [`HiViTMAEModelOutput`].
+    """
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    mask: Optional[torch.FloatTensor] = None
+    ids_restore: Optional[torch.LongTensor] = None
+    hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    reshaped_hidden_states: Optional[tuple[torch.FloatTensor, ...]] = None
+    attentions: Optional[tuple[torch.FloatTensor, ...]] = None
+
+
+def get_2d_sincos_position_embedding(grid_size: int, embed_dim: int, add_cls_token: bool = False) -> torch.Tensor:
+    """Fixed 2-D sin-cos table of shape `(1, grid_size ** 2 (+1), embed_dim)`, laid out as mmpretrain's
+    `build_2d_sincos_position_embedding`: `[sin(row), cos(row), sin(col), cos(col)]` with temperature 10000, and an
+    all-zero class-token row in front when `add_cls_token`."""
+    omega = 1.0 / 10000.0 ** (torch.arange(embed_dim // 4, dtype=torch.float32) / (embed_dim // 4))
+    coords = torch.arange(grid_size, dtype=torch.float32)
+    rows = torch.outer(coords.repeat_interleave(grid_size), omega)
+    cols = torch.outer(coords.repeat(grid_size), omega)
+    table = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)[None]
+    if add_cls_token:
+        table = torch.cat([table.new_zeros(1, 1, embed_dim), table], dim=1)
+    return table
+
+
+def interpolate_pos_encoding(
+    table: torch.Tensor, grid_size: tuple[int, int], num_tokens: int, legacy: bool
+) -> torch.Tensor:
+    """Resample a square position table `(1, N, dim)` to a `grid_size` patch grid, giving `(1, height * width, dim)`.
+
+    `legacy=True` reproduces mmpretrain's `HiViT.interpolate_pos_encoding`: the table is returned unchanged only when
+    `num_tokens` (the tokens actually present, so the *visible* ones on the masked path) equals `N` and the grid is
+    square; otherwise it is resampled with `scale_factor=(height + 0.1) / sqrt(N)`, which shifts the sampling points
+    even when the output grid equals the table's. `legacy=False` resamples only when the grid differs, to exactly it.
+    """
+    num_positions, dim = table.shape[1], table.shape[2]
+    side = math.isqrt(num_positions)
+    height, width = grid_size
+    grid = table.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if legacy:
+        if num_tokens == num_positions and height == width:
+            return table
+        scale = ((height + 0.1) / math.sqrt(num_positions), (width + 0.1) / math.sqrt(num_positions))
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+    else:
+        if (height, width) == (side, side):
+            return table
+        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, height * width, dim)
+
+
+def relative_position_index(height: int, width: int, device=None) -> torch.Tensor:
+    """`(height * width, height * width)` index into a `(2 * height - 1) * (2 * width - 1)` bias table, as in
+    Swin / BEiT / mmpretrain's HiViT `Attention`."""
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    ).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return (relative[..., 0] + height - 1) * (2 * width - 1) + relative[..., 1] + width - 1
+
+
+def drop_path(input: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Stochastic depth per sample, applied in the residual branch."""
+    if drop_prob == 0.0 or not training:
+        return input
+    keep_prob = 1 - drop_prob
+    shape = (input.shape[0],) + (1,) * (input.ndim - 1)
+    random_tensor = keep_prob + torch.rand(shape, dtype=input.dtype, device=input.device)
+    return input.div(keep_prob) * random_tensor.floor_()
+
+
+class HiViTMAEDropPath(nn.Module):
+    """Stochastic depth per sample, applied in the residual branch."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return drop_path(hidden_states, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class HiViTMAELayerScale(nn.Module):
+    """Per-channel learned scale of a residual branch (mmpretrain's `gamma_1` / `gamma_2`)."""
+
+    def __init__(self, hidden_size: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.lambda1 = nn.Parameter(torch.full((hidden_size,), init_value))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
+class HiViTMAEPatchEmbeddings(nn.Module):
+    """Embeds every `patch_size` patch as an `inner x inner` grid of stem tokens.
+
+    `(batch_size, num_channels, height, width)` -> `(batch_size, num_patches, inner, inner, stage_0_hidden_size)`,
+    patches in raster order.
+    """
+
+    def __init__(self, config: HiViTMAEConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.inner_patches = config.inner_patches
+        self.num_channels = config.num_channels
+        stride = config.patch_size // config.inner_patches
+        self.projection = nn.Conv2d(
+            config.num_channels, config.stage_hidden_sizes[0], kernel_size=stride, stride=stride
+        )
+        self.layernorm = nn.LayerNorm(config.stage_hidden_sizes[0], eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        inner = self.inner_patches
+        embeddings = self.projection(pixel_values)
+        embeddings = embeddings.view(batch_size, -1, grid_h, inner, grid_w, inner)
+        embeddings = embeddings.permute(0, 2, 4, 3, 5, 1).reshape(batch_size, grid_h * grid_w, inner, inner, -1)
+        return self.layernorm(embeddings)
+
+
+class HiViTMAEAttention(nn.Module):
+    """Multi-head self-attention with an optional learned relative position bias.
+
+    `(batch_size, seq_len, hidden_size)` -> `(batch_size, seq_len, hidden_size)`, plus the attention probabilities
+    `(batch_size, num_heads, seq_len, seq_len)` when asked for.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        qkv_bias: bool,
+        attention_dropout: float,
+        dropout: float,
+        relative_position_grid: Optional[int] = None,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim**-0.5
+        self.attention_dropout = attention_dropout
+        self.qkv = nn.Linear(hidden_size, hidden_size * 3, bias=qkv_bias)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.relative_position_grid = relative_position_grid
+        if relative_position_grid is not None:
+            table_side = 2 * relative_position_grid - 1
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(table_side * table_side, num_heads))
+
+    def relative_position_bias(self, position_index: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Bias `(num_heads, n, n)` or `(batch_size, num_heads, n, n)` for a `relative_position_index` of the
+        `grid_size` grid (optionally gathered to the visible tokens); the table is resized bicubically for a grid
+        other than the one it was trained on."""
+        table = self.relative_position_bias_table
+        height, width = grid_size
+        if (height, width) != (self.relative_position_grid,) * 2:
+            side = 2 * self.relative_position_grid - 1
+            table = table.T.reshape(1, self.num_heads, side, side)
+            table = F.interpolate(table, size=(2 * height - 1, 2 * width - 1), mode="bicubic", align_corners=False)
+            table = table.reshape(self.num_heads, -1).T
+        bias = table[position_index]  # (..., n, n, num_heads)
+        return bias.movedim(-1, -3)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_index: Optional[torch.Tensor] = None,
+        grid_size: Optional[tuple[int, int]] = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        batch_size, seq_len, hidden_size = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+        bias = None
+        if position_index is not None and self.relative_position_grid is not None:
+            bias = self.relative_position_bias(position_index, grid_size).to(query.dtype)
+
+        dropout = self.attention_dropout if self.training else 0.0
+        if output_attentions:
+            scores = (query * self.scale) @ key.transpose(-2, -1)
+            if bias is not None:
+                scores = scores + bias
+            probs = scores.softmax(dim=-1)
+            context = F.dropout(probs, dropout, self.training) @ value
+        else:
+            probs = None
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout)
+
+        context = context.transpose(1, 2).reshape(batch_size, seq_len, hidden_size)
+        return self.dropout(self.proj(context)), probs
+
+
+class HiViTMAEMLP(nn.Module):
+    """`(..., hidden_size)` -> `(..., hidden_size)` through a `mlp_ratio` times wider hidden layer."""
+
+    def __init__(self, hidden_size: int, mlp_ratio: float, hidden_act: str, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, int(hidden_size * mlp_ratio))
+        self.act = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(int(hidden_size * mlp_ratio), hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
+
+
+class HiViTMAELayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: `x + attention(norm1(x))`, then `x + mlp(norm2(x))`, each branch with optional
+    layer scale and drop path. HiViT's stem blocks are the same block without attention (`num_heads=0`); they act on
+    `(..., hidden_size)` tensors of any leading shape. The MAE decoder uses it too.
+    """
+
+    def __init__(
+        self,
+        config: HiViTMAEConfig,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool = True,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float = 0.0,
+        relative_position_grid: Optional[int] = None,
+    ):
+        super().__init__()
+        self.norm1 = self.attention = self.layer_scale1 = None
+        if num_heads > 0:
+            self.norm1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+            self.attention = HiViTMAEAttention(
+                hidden_size, num_heads, qkv_bias, attention_dropout, dropout, relative_position_grid
+            )
+            self.layer_scale1 = (
+                HiViTMAELayerScale(hidden_size, layer_scale_init_value) if layer_scale_init_value > 0 else None
+            )
+        self.norm2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = HiViTMAEMLP(hidden_size, mlp_ratio, config.hidden_act, dropout)
+        self.layer_scale2 = (
+            HiViTMAELayerScale(hidden_size, layer_scale_init_value) if layer_scale_init_value > 0 else None
+        )
+        self.drop_path = HiViTMAEDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_index: Optional[torch.Tensor] = None,
+        grid_size: Optional[tuple[int, int]] = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        probs = None
+        if self.attention is not None:
+            attended, probs = self.attention(self.norm1(hidden_states), position_index, grid_size, output_attentions)
+            if self.layer_scale1 is not None:
+                attended = self.layer_scale1(attended)
+            hidden_states = hidden_states + self.drop_path(attended)
+        transformed = self.mlp(self.norm2(hidden_states))
+        if self.layer_scale2 is not None:
+            transformed = self.layer_scale2(transformed)
+        return hidden_states + self.drop_path(transformed), probs
+
+
+class HiViTMAEPatchMerge(nn.Module):
+    """Merges each 2x2 group of stem tokens inside a patch and doubles the width:
+    `(batch_size, num_patches, inner, inner, dim)` -> `(batch_size, num_patches, inner / 2, inner / 2, 2 * dim)`."""
+
+    def __init__(self, hidden_size: int, layer_norm_eps: float):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(4 * hidden_size, eps=layer_norm_eps)
+        self.reduction = nn.Linear(4 * hidden_size, 2 * hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Concatenation order (row, col) = (0, 0), (1, 0), (0, 1), (1, 1), as mmpretrain (and Swin) order it.
+        merged = torch.cat(
+            [
+                hidden_states[..., 0::2, 0::2, :],
+                hidden_states[..., 1::2, 0::2, :],
+                hidden_states[..., 0::2, 1::2, :],
+                hidden_states[..., 1::2, 1::2, :],
+            ],
+            dim=-1,
+        )
+        return self.reduction(self.layernorm(merged))
+
+
+class HiViTMAEStemStage(nn.Module):
+    """`2 * depth` MLP blocks on the stem tokens, then a patch merge."""
+
+    def __init__(self, config: HiViTMAEConfig, stage: int, drop_path_rates: list[float]):
+        super().__init__()
+        hidden_size = config.stage_hidden_sizes[stage]
+        self.blocks = nn.ModuleList(
+            [
+                HiViTMAELayer(
+                    config,
+                    hidden_size,
+                    num_heads=0,
+                    mlp_ratio=config.stem_mlp_ratio,
+                    dropout=config.hidden_dropout_prob,
+                    drop_path_rate=rate,
+                    layer_scale_init_value=config.layer_scale_init_value,
+                )
+                for rate in drop_path_rates
+            ]
+        )
+        self.merge = HiViTMAEPatchMerge(hidden_size, config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the merged tokens and the stage's output before the merge."""
+        for block in self.blocks:
+            hidden_states = block(hidden_states)[0]
+        return self.merge(hidden_states), hidden_states
+
+
+class HiViTMAEEncoder(nn.Module):
+    """The main stage: `depths[-1]` transformer layers on one token per visible patch."""
+
+    def __init__(self, config: HiViTMAEConfig, drop_path_rates: list[float]):
+        super().__init__()
+        grid = config.image_size // config.patch_size if config.use_relative_position_bias else None
+        self.layers = nn.ModuleList(
+            [
+                HiViTMAELayer(
+                    config,
+                    config.hidden_size,
+                    num_heads=config.num_attention_heads,
+                    mlp_ratio=config.mlp_ratio,
+                    qkv_bias=config.qkv_bias,
+                    dropout=config.hidden_dropout_prob,
+                    attention_dropout=config.attention_probs_dropout_prob,
+                    drop_path_rate=rate,
+                    layer_scale_init_value=config.layer_scale_init_value,
+                    relative_position_grid=grid,
+                )
+                for rate in drop_path_rates
+            ]
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_index: Optional[torch.Tensor],
+        grid_size: tuple[int, int],
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[Optional[torch.Tensor]]]:
+        """`(batch_size, seq_len, hidden_size)` -> the same shape, with the input and every layer's output, and every
+        layer's attention probabilities (`None` unless `output_attentions`)."""
+        all_hidden_states, all_attentions = [hidden_states], []
+        for layer in self.layers:
+            hidden_states, probs = layer(hidden_states, position_index, grid_size, output_attentions)
+            all_hidden_states.append(hidden_states)
+            all_attentions.append(probs)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's per-sample random masking from `noise` `(batch_size, num_patches)`: the `num_keep` patches with the
+    smallest noise stay visible, in ascending-noise order. Returns `ids_keep` `(batch_size, num_keep)`,
+    `ids_restore` `(batch_size, num_patches)` and the 0/1 `mask` `(batch_size, num_patches)` (1 = masked)."""
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones_like(noise)
+    mask[:, :num_keep] = 0
+    return ids_shuffle[:, :num_keep], ids_restore, torch.gather(mask, 1, ids_restore)
+
+
+class HiViTMAEPreTrainedModel(PreTrainedModel):
+    config_class = HiViTMAEConfig
+    base_model_prefix = "hivit"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HiViTMAELayer", "HiViTMAEPatchMerge"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module):
+        """mmpretrain's MAE-HiViT initialisation: `MAEHiViT.init_weights` re-applies HiViT's truncated normal to the
+        encoder's linear layers after the config's Xavier, so only the decoder's linear layers end up Xavier-uniform;
+        the patch projection is Xavier-uniform on its flattened `(out, in * k * k)` view with PyTorch's default
+        bias; position tables are fixed 2-D sin-cos; the mask token is normal(0.02); LayerNorms are 1 / 0."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, HiViTMAELayerScale):
+            init.constant_(module.lambda1, module.init_value)
+        elif isinstance(module, HiViTMAEAttention) and module.relative_position_grid is not None:
+            init.trunc_normal_(module.relative_position_bias_table, std=0.02)
+        elif isinstance(module, HiViTMAEPatchEmbeddings):
+            weight = module.projection.weight
+            fan_out, fan_in = weight.shape[0], weight[0].numel()
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            init.uniform_(weight, -bound, bound)
+            init.uniform_(module.projection.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        elif isinstance(module, HiViTMAEModel) and module.position_embeddings is not None:
+            table = get_2d_sincos_position_embedding(
+                self.config.image_size // self.config.patch_size, self.config.hidden_size
+            )
+            _copy(module.position_embeddings, table)
+        elif isinstance(module, HiViTMAEDecoder):
+            # Runs after the children (post-order), so it overrides their truncated normal.
+            for linear in module.modules():
+                if isinstance(linear, nn.Linear):
+                    init.xavier_uniform_(linear.weight)
+                    init.zeros_(linear.bias)
+            init.normal_(module.mask_token, std=std)
+            table = get_2d_sincos_position_embedding(
+                self.config.image_size // self.config.patch_size, self.config.decoder_hidden_size, add_cls_token=True
+            )
+            _copy(module.decoder_pos_embed, table)
+
+
+def _copy(parameter: nn.Parameter, value: torch.Tensor):
+    if hasattr(init, "copy_"):  # transformers >= 5: skips a parameter loaded from a checkpoint
+        init.copy_(parameter, value)
+    else:
+        with torch.no_grad():
+            parameter.copy_(value)
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config: HiViTMAEConfig):
+    """Raise a `ValueError` naming what is wrong with `pixel_values` for this config."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must have shape (batch_size, num_channels, height, width), got {tuple(pixel_values.shape)}"
+        )
+    _, channels, height, width = pixel_values.shape
+    if channels != config.num_channels:
+        raise ValueError(
+            f"pixel_values has {channels} channels but the model expects num_channels={config.num_channels}"
+        )
+    if height == 0 or width == 0 or height % config.patch_size or width % config.patch_size:
+        raise ValueError(
+            f"Image size {height}x{width} is not a positive multiple of the patch size {config.patch_size} in both "
+            "dimensions; resize or crop the images (the image processor of a converted model does this)"
+        )
+
+
+class HiViTMAEModel(HiViTMAEPreTrainedModel):
+    """The HiViT encoder (mmpretrain's `MAEHiViT`). By default it does not mask: it returns features of every patch,
+    deterministically, for feature extraction and fine-tuning."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: HiViTMAEConfig):
+        super().__init__(config)
+        stem_blocks = [2 * depth for depth in config.depths[:-1]]
+        rates = torch.linspace(0, config.drop_path_rate, sum(stem_blocks) + config.depths[-1]).tolist()
+        self.patch_embeddings = HiViTMAEPatchEmbeddings(config)
+        self.stem = nn.ModuleList()
+        for stage, num_blocks in enumerate(stem_blocks):
+            start = sum(stem_blocks[:stage])
+            self.stem.append(HiViTMAEStemStage(config, stage, rates[start : start + num_blocks]))
+        self.position_embeddings = None
+        if config.use_absolute_position_embeddings:
+            # Fixed 2-D sin-cos table, not trained (mmpretrain sets requires_grad=False).
+            self.position_embeddings = nn.Parameter(
+                torch.zeros(1, config.num_patches, config.hidden_size), requires_grad=False
+            )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = HiViTMAEEncoder(config, rates[sum(stem_blocks) :])
+        self.post_init()
+
+    def get_input_embeddings(self) -> HiViTMAEPatchEmbeddings:
+        return self.patch_embeddings
+
+    def _masking(
+        self,
+        batch_size: int,
+        num_patches: int,
+        mask: Union[bool, torch.Tensor, None],
+        noise: Optional[torch.Tensor],
+        device: torch.device,
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """`(ids_keep or None, ids_restore, mask)` for the `mask` argument of `forward`."""
+        if noise is not None and mask is not True:
+            raise ValueError("noise drives random masking and needs mask=True")
+        if mask is None or mask is False:
+            ids = torch.arange(num_patches, device=device).expand(batch_size, -1)
+            return None, ids, torch.zeros(batch_size, num_patches, device=device)
+        if mask is True:
+            num_keep = int(num_patches * (1 - self.config.mask_ratio))
+            if num_keep < 1:
+                raise ValueError(
+                    f"mask_ratio={self.config.mask_ratio} leaves no visible patch of the {num_patches} in this image"
+                )
+            if noise is None:
+                noise = torch.rand(batch_size, num_patches, device=device)
+            elif noise.shape != (batch_size, num_patches) or not noise.is_floating_point():
+                raise ValueError(
+                    f"noise must be a float tensor of shape (batch_size, num_patches) = {(batch_size, num_patches)}, "
+                    f"got {noise.dtype} {tuple(noise.shape)}"
+                )
+            return random_masking(noise.to(device), num_keep)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                "mask must be True (random masking), None / False (no masking) or a bool tensor of shape "
+                f"(batch_size, num_patches) with True = masked; got {got}"
+            )
+        if mask.shape != (batch_size, num_patches):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but this batch needs (batch_size, num_patches) = "
+                f"{(batch_size, num_patches)}"
+            )
+        counts = mask.sum(dim=1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"every row of mask must mask the same number of patches, got {counts.tolist()}")
+        num_keep = num_patches - int(counts[0])
+        if num_keep < 1:
+            raise ValueError("mask hides every patch; at least one must stay visible")
+        # Visible patches first, each group in patch order.
+        ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True).to(device)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        return ids_shuffle[:, :num_keep], ids_restore, mask.to(device=device, dtype=torch.float32)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        mask: Union[bool, torch.Tensor, None] = None,
+        noise: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[tuple, HiViTMAEModelOutput]:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images; height and width must be multiples of `config.patch_size`.
+            mask (`bool` or `torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+                `None` / `False`: no masking (the default here). `True`: random masking at `config.mask_ratio`. A
+                bool tensor: exactly this mask, `True` = masked, with the same number of masked patches per row.
+            noise (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
+                Makes random masking deterministic: the patches with the smallest noise stay visible.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_pixel_values(pixel_values, self.config)
+
+        batch_size, _, height, width = pixel_values.shape
+        grid_size = (height // self.config.patch_size, width // self.config.patch_size)
+        num_patches = grid_size[0] * grid_size[1]
+        ids_keep, ids_restore, mask = self._masking(batch_size, num_patches, mask, noise, pixel_values.device)
+
+        hidden_states = self.patch_embeddings(pixel_values)
+        if ids_keep is not None:
+            hidden_states = torch.gather(
+                hidden_states, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *hidden_states.shape[2:])
+            )
+        all_hidden_states = []
+        for stage in self.stem:
+            hidden_states, stage_output = stage(hidden_states)
+            all_hidden_states.append(stage_output)
+        hidden_states = hidden_states.flatten(2)  # the merges leave a 1x1 inner grid
+
+        legacy = self.config.legacy_position_encoding
+        if self.position_embeddings is not None:
+            position_embeddings = interpolate_pos_encoding(
+                self.position_embeddings, grid_size, hidden_states.shape[1], legacy
+            )
+            if ids_keep is not None:
+                position_embeddings = torch.gather(
+                    position_embeddings.expand(batch_size, -1, -1),
+                    1,
+                    ids_keep[:, :, None].expand(-1, -1, position_embeddings.shape[2]),
+                )
+            hidden_states = hidden_states + position_embeddings
+        hidden_states = self.dropout(hidden_states)
+
+        position_index = None
+        # mmpretrain's masked path calls the main blocks without `rpe_index`, so no relative position bias there.
+        if self.config.use_relative_position_bias and (ids_keep is None or not legacy):
+            position_index = relative_position_index(*grid_size, device=hidden_states.device)
+            if ids_keep is not None:
+                position_index = position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
+
+        hidden_states, main_hidden_states, all_attentions = self.encoder(
+            hidden_states, position_index, grid_size, output_attentions
+        )
+        all_hidden_states += main_hidden_states
+
+        reshaped = None
+        if output_hidden_states and ids_keep is None:
+            reshaped = tuple(_to_feature_map(state, grid_size) for state in all_hidden_states)
+        outputs = HiViTMAEModelOutput(
+            last_hidden_state=hidden_states,
+            mask=mask,
+            ids_restore=ids_restore,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            reshaped_hidden_states=reshaped,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+        return outputs if return_dict else outputs.to_tuple()
+
+
+def _to_feature_map(hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """`(batch, num_patches, [inner, inner,] dim)` in patch order -> `(batch, dim, height, width)` feature map."""
+    batch_size, dim = hidden_states.shape[0], hidden_states.shape[-1]
+    inner = hidden_states.shape[2] if hidden_states.ndim == 5 else 1
+    grid_h, grid_w = grid_size
+    feature_map = hidden_states.reshape(batch_size, grid_h, grid_w, inner, inner, dim)
+    return feature_map.permute(0, 5, 1, 3, 2, 4).reshape(batch_size, dim, grid_h * inner, grid_w * inner)
+
+
+class HiViTMAEDecoder(nn.Module):
+    """mmpretrain's `MAEPretrainDecoder`: `(batch_size, num_visible_patches, hidden_size)` encoder features ->
+    `(batch_size, num_patches, patch_size ** 2 * num_channels)` predicted pixels in patch order."""
+
+    def __init__(self, config: HiViTMAEConfig):
+        super().__init__()
+        self.config = config
+        width = config.decoder_hidden_size
+        self.decoder_embed = nn.Linear(config.hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        # Fixed sin-cos table with a leading all-zero class-token row, as mmpretrain keeps it.
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, width), requires_grad=False)
+        self.decoder_layers = nn.ModuleList(
+            [
+                HiViTMAELayer(config, width, config.decoder_num_attention_heads, config.decoder_mlp_ratio)
+                for _ in range(config.decoder_num_hidden_layers)
+            ]
+        )
+        self.decoder_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.decoder_pred = nn.Linear(width, config.patch_size**2 * config.num_channels)
+
+    def forward(
+        self, hidden_states: torch.Tensor, ids_restore: torch.Tensor, grid_size: tuple[int, int]
+    ) -> torch.Tensor:
+        hidden_states = self.decoder_embed(hidden_states)
+        batch_size, num_visible, width = hidden_states.shape
+        num_patches = ids_restore.shape[1]
+        restore_index = ids_restore[:, :, None].expand(-1, -1, width)
+        position_embeddings = interpolate_pos_encoding(
+            self.decoder_pos_embed[:, 1:], grid_size, num_patches, legacy=False
+        )
+        if self.config.decoder_first_token_as_cls:
+            # mmpretrain's decoder was written for ViT: it takes token 0 for a class token, which HiViT does not
+            # have. The first visible token goes to the class slot, the rest are shifted one place early, and one
+            # extra mask token fills the gap; the class slot is dropped from the output.
+            mask_tokens = self.mask_token.expand(batch_size, num_patches + 1 - num_visible, -1)
+            tokens = torch.gather(torch.cat([hidden_states[:, 1:], mask_tokens], dim=1), 1, restore_index)
+            hidden_states = torch.cat([hidden_states[:, :1], tokens], dim=1)
+            position_embeddings = torch.cat([self.decoder_pos_embed[:, :1], position_embeddings], dim=1)
+        else:
+            mask_tokens = self.mask_token.expand(batch_size, num_patches - num_visible, -1)
+            hidden_states = torch.gather(torch.cat([hidden_states, mask_tokens], dim=1), 1, restore_index)
+        hidden_states = hidden_states + position_embeddings
+
+        for layer in self.decoder_layers:
+            hidden_states = layer(hidden_states)[0]
+        logits = self.decoder_pred(self.decoder_norm(hidden_states))
+        return logits[:, 1:] if self.config.decoder_first_token_as_cls else logits
+
+
+class HiViTMAEForPreTraining(HiViTMAEPreTrainedModel):
+    """HiViT encoder + MAE decoder + pixel reconstruction loss (mmpretrain's `MAE` with `MAEHiViT`,
+    `MAEPretrainDecoder` and `MAEPretrainHead`). By default it masks `config.mask_ratio` of the patches at random."""
+
+    def __init__(self, config: HiViTMAEConfig):
+        super().__init__(config)
+        self.hivit = HiViTMAEModel(config)
+        self.decoder = HiViTMAEDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> HiViTMAEPatchEmbeddings:
+        return self.hivit.patch_embeddings
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, num_channels, height, width)` -> `(batch_size, num_patches, patch_size ** 2 * num_channels)`,
+        each patch flattened as `(row, col, channel)` like mmpretrain's and transformers' MAE."""
+        check_pixel_values(pixel_values, self.config)
+        batch_size, channels, height, width = pixel_values.shape
+        p = self.config.patch_size
+        patches = pixel_values.reshape(batch_size, channels, height // p, p, width // p, p)
+        patches = torch.einsum("nchpwq->nhwpqc", patches)
+        return patches.reshape(batch_size, (height // p) * (width // p), p * p * channels)
+
+    def unpatchify(
+        self, patches: torch.Tensor, image_size: Optional[Union[int, tuple[int, int]]] = None
+    ) -> torch.Tensor:
+        """Inverse of [`patchify`]: `(batch_size, num_patches, patch_size ** 2 * num_channels)` ->
+        `(batch_size, num_channels, height, width)`. `image_size` `(height, width)` defaults to a square image."""
+        p, channels = self.config.patch_size, self.config.num_channels
+        if patches.ndim != 3 or patches.shape[2] != p * p * channels:
+            raise ValueError(
+                f"patches must have shape (batch_size, num_patches, {p * p * channels}), got {tuple(patches.shape)}"
+            )
+        batch_size, num_patches = patches.shape[:2]
+        if image_size is None:
+            side = math.isqrt(num_patches) * p
+            image_size = (side, side)
+        elif not isinstance(image_size, collections.abc.Iterable):
+            image_size = (image_size, image_size)
+        height, width = image_size
+        if height % p or width % p or (height // p) * (width // p) != num_patches:
+            raise ValueError(f"{num_patches} patches of size {p} do not tile an image of size {height}x{width}")
+        images = patches.reshape(batch_size, height // p, width // p, p, p, channels)
+        images = torch.einsum("nhwpqc->nchpwq", images)
+        return images.reshape(batch_size, channels, height, width)
+
+    def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per patch, averaged over the masked patches (over all patches when none is masked:
+        mmpretrain divides by zero there)."""
+        target = self.patchify(pixel_values)
+        if self.config.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        loss = ((logits - target) ** 2).mean(dim=-1)
+        if not mask.any():
+            return loss.mean()
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        mask: Union[bool, torch.Tensor, None] = True,
+        noise: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[tuple, HiViTMAEForPreTrainingOutput]:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images; height and width must be multiples of `config.patch_size`.
+            mask (`bool` or `torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*, defaults to `True`):
+                As in [`HiViTMAEModel.forward`], but masking at random by default.
+            noise (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
+                Makes random masking deterministic.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from configuration_hivit_mae import HiViTMAEConfig
+        >>> from modeling_hivit_mae import HiViTMAEForPreTraining
+
+        >>> model = HiViTMAEForPreTraining(HiViTMAEConfig.from_arch("tiny"))
+        >>> outputs = model(torch.randn(2, 3, 224, 224))
+        >>> outputs.logits.shape, outputs.mask.sum(dim=1)
+        (torch.Size([2, 196, 768]), tensor([147., 147.]))
+        ```
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.hivit(
+            pixel_values,
+            mask=mask,
+            noise=noise,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        grid_size = (pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size)
+        logits = self.decoder(outputs.last_hidden_state, outputs.ids_restore, grid_size)
+        loss = self.forward_loss(pixel_values, logits, outputs.mask)
+        result = HiViTMAEForPreTrainingOutput(
+            loss=loss,
+            logits=logits,
+            mask=outputs.mask,
+            ids_restore=outputs.ids_restore,
+            hidden_states=outputs.hidden_states,
+            reshaped_hidden_states=outputs.reshaped_hidden_states,
+            attentions=outputs.attentions,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+HiViTMAEModel.register_for_auto_class("AutoModel")
+HiViTMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+
+__all__ = ["HiViTMAEPreTrainedModel", "HiViTMAEModel", "HiViTMAEForPreTraining"]

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="hivit-mae",
+    version="0.1.0",
+    description="HiViT-MAE (HiViT pre-trained with masked autoencoding) for Hugging Face transformers, "
+    "numerically matching mmpretrain",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    py_modules=["configuration_hivit_mae", "modeling_hivit_mae", "convert_checkpoint"],
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=4.57",
+        "safetensors",
+        "huggingface_hub",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "ruff",
+            # The numerical reference; mmpretrain imports torchvision and mmcv at import time.
+            "mmpretrain==1.2.0",
+            "mmengine==0.10.7",
+            "mmcv-lite==2.2.0",
+            "torchvision",
+        ],
+    },
+)

@@ -1,0 +1,77 @@
+"""mmpretrain 1.2.0 reference models for the parity tests."""
+
+import warnings
+
+import torch
+
+MMPRETRAIN_ARCHS = ("tiny", "small", "base", "large")
+
+
+def build_mmpretrain_mae(arch="tiny", img_size=224, seed=0, perturb=True, **backbone_kwargs):
+    """mmpretrain's `MAE` with `MAEHiViT`, `MAEPretrainDecoder` and `MAEPretrainHead` as its MAE-HiViT config
+    builds it, initialised by its own `init_weights`, then (``perturb``) every tensor moved away from its init
+    value so that no parity check can pass on structurally equal initialisations."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from mmengine.logging import MMLogger
+        from mmpretrain.registry import MODELS
+        from mmpretrain.utils import register_all_modules
+
+        register_all_modules()
+        MMLogger.get_current_instance().setLevel("ERROR")
+    from configuration_hivit_mae import HIVIT_ARCHS
+
+    hidden = HIVIT_ARCHS[arch]["hidden_size"]
+    cfg = dict(
+        type="MAE",
+        backbone=dict(
+            type="MAEHiViT", patch_size=16, arch=arch, mask_ratio=0.75, img_size=img_size, **backbone_kwargs
+        ),
+        neck=dict(
+            type="MAEPretrainDecoder",
+            num_patches=(img_size // 16) ** 2,
+            patch_size=16,
+            in_chans=3,
+            embed_dim=hidden,
+            decoder_embed_dim=512,
+            decoder_depth=6,
+            decoder_num_heads=16,
+            mlp_ratio=4.0,
+        ),
+        head=dict(
+            type="MAEPretrainHead",
+            norm_pix=True,
+            patch_size=16,
+            loss=dict(type="PixelReconstructionLoss", criterion="L2"),
+        ),
+        init_cfg=[
+            dict(type="Xavier", layer="Linear", distribution="uniform"),
+            dict(type="Constant", layer="LayerNorm", val=1.0, bias=0.0),
+        ],
+    )
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.init_weights()
+    if perturb:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for tensor in model.state_dict(keep_vars=True).values():
+                if tensor.is_floating_point():
+                    tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
+    return model.eval()
+
+
+def fix_masking(mm_model, noise):
+    """Make mmpretrain's random masking use ``noise`` (it draws ``torch.rand`` internally)."""
+    from modeling_hivit_mae import random_masking
+
+    backbone = mm_model.backbone
+
+    def masking_id(batch_size, mask_ratio):
+        num_keep = int(noise.shape[1] * (1 - mask_ratio))
+        ids_keep, ids_restore, mask = random_masking(noise, num_keep)
+        return ids_keep, ids_restore, mask
+
+    backbone.masking_id = masking_id
