@@ -11,6 +11,15 @@ HIVIT_ARCHS = {
 }
 
 
+# Written into every saved config so that a folder made by either model class loads with both `AutoModel` and
+# `AutoModelForPreTraining` (`save_pretrained` alone would record only the class that saved it).
+AUTO_MAP = {
+    "AutoConfig": "configuration_hivit_mae.HiViTMAEConfig",
+    "AutoModel": "modeling_hivit_mae.HiViTMAEModel",
+    "AutoModelForPreTraining": "modeling_hivit_mae.HiViTMAEForPreTraining",
+}
+
+
 class HiViTMAEConfig(PretrainedConfig):
     r"""
     Configuration of a HiViT encoder pre-trained with masked autoencoding (mmpretrain's `MAEHiViT` backbone,
@@ -164,6 +173,7 @@ class HiViTMAEConfig(PretrainedConfig):
         self.norm_pix_loss = norm_pix_loss
         self.decoder_first_token_as_cls = decoder_first_token_as_cls
         self.legacy_position_encoding = legacy_position_encoding
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self.validate_architecture()
 
@@ -237,6 +247,3 @@ class HiViTMAEConfig(PretrainedConfig):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         check(self.num_channels > 0, f"num_channels={self.num_channels} must be positive")
         check(self.decoder_num_hidden_layers >= 0, "decoder_num_hidden_layers must be >= 0")
-
-
-HiViTMAEConfig.register_for_auto_class()

@@ -467,12 +467,11 @@ class HiViTMAEPreTrainedModel(PreTrainedModel):
             init.constant_(module.lambda1, module.init_value)
         elif isinstance(module, HiViTMAEAttention) and module.relative_position_grid is not None:
             init.trunc_normal_(module.relative_position_bias_table, std=0.02)
-        elif isinstance(module, HiViTMAEPatchEmbeddings):
-            weight = module.projection.weight
-            fan_out, fan_in = weight.shape[0], weight[0].numel()
+        elif isinstance(module, nn.Conv2d):  # the patch projection
+            fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
             bound = math.sqrt(6.0 / (fan_in + fan_out))
-            init.uniform_(weight, -bound, bound)
-            init.uniform_(module.projection.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            init.uniform_(module.weight, -bound, bound)
+            init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         elif isinstance(module, HiViTMAEModel) and module.position_embeddings is not None:
             table = get_2d_sincos_position_embedding(
                 self.config.image_size // self.config.patch_size, self.config.hidden_size
