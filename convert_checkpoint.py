@@ -1,17 +1,31 @@
-"""Convert mmpretrain (mmengine) MAE-HiViT checkpoints into `from_pretrained` folders.
+"""Convert mmpretrain (mmengine) MAE-HiViT checkpoints into Hugging Face `from_pretrained` folders.
 
     python convert_checkpoint.py --checkpoint mae_hivit-base.pth --output_dir hivit-mae-base
 
-The importable pieces: `load_checkpoint` reads a checkpoint without executing pickled code (and without mmengine),
-`infer_config` reads the architecture off the weights, `convert_state_dict` maps mmpretrain's keys to this model's.
+Reads mmengine training checkpoints, published mmpretrain checkpoints, bare state dicts and `.safetensors` files,
+for the whole MAE (encoder + decoder) or the encoder alone, without executing pickled code and without mmengine. It
+infers the architecture from the weights, writes `model.safetensors`, `config.json` (with `auto_map`), the model code,
+`preprocessor_config.json` and a model card, and verifies the written folder before moving it into place.
+
+The importable pieces: `load_checkpoint` reads a checkpoint safely, `infer_config` reads the architecture off the
+weights, `convert_state_dict` maps mmpretrain's keys to this model's and `convert` runs the whole conversion.
 """
 
 import argparse
-import collections
+import collections.abc
+import hashlib
+import json
 import math
+import os
+import pickle
 import re
+import shutil
 import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -43,6 +57,15 @@ _MMENGINE_GLOBALS = [
 ]
 
 
+def _stand_in_getattr(obj, name: str):
+    """Replaces `getattr` for the unpickler. Training checkpoints pickle methods of mmengine classes (the statistics
+    methods of `HistoryBuffer`) as `getattr(HistoryBuffer, "mean")`; on a stand-in class this gives a placeholder
+    string, on anything else it refuses, so the general attribute lookup that exploits need is never available."""
+    if obj is _Opaque or isinstance(obj, _Opaque):
+        return f"<{name} of a pickled mmengine object>"
+    raise pickle.UnpicklingError(f"getattr({type(obj).__name__}, {name!r}) is not allowed")
+
+
 def _numpy_globals() -> list:
     """numpy's pickle helpers, which mmengine's logs use for arrays and scalars; they build data, not code."""
     try:
@@ -57,6 +80,18 @@ def _numpy_globals() -> list:
         found += [(core.multiarray._reconstruct, f"{module}._reconstruct")]
         found += [(core.multiarray.scalar, f"{module}.scalar")]
     return found
+
+
+def _load_failure(error: Exception) -> str:
+    """One line saying why `torch.load(weights_only=True)` failed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if match := re.search(r"unsupported (?:global: )?GLOBAL (\S+?)[ .]*(?:whose|was|$)", text, re.IGNORECASE | re.M):
+        return f"it pickles `{match.group(1)}`, which could run code when loaded, so it was not unpickled"
+    if match := re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, re.S):
+        detail = " ".join(match.group(1).split()) or "unknown reason"
+        return f"it pickles objects that could run code when loaded, so it was not unpickled ({detail})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def load_checkpoint(path) -> dict:
@@ -77,14 +112,12 @@ def load_checkpoint(path) -> dict:
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     safe = [(_Opaque, name) for name in _MMENGINE_GLOBALS] + _numpy_globals()
+    safe += [(_stand_in_getattr, "__builtin__.getattr"), (_stand_in_getattr, "builtins.getattr")]
     try:
         with torch.serialization.safe_globals(safe):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "Unsupported global" in str(error) or "weights_only" in str(error):
-            reason = "it pickles objects that could run code when loaded: " + reason
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint; {reason}") from None
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint; {_load_failure(error)}") from None
     if not isinstance(checkpoint, collections.abc.Mapping):
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return dict(checkpoint)
@@ -109,11 +142,21 @@ def _strip_prefixes(state_dict: dict) -> dict:
     return {("backbone." + k if not k.startswith(("neck.", "head.")) else k): v for k, v in state_dict.items()}
 
 
-def infer_config(state_dict: dict, **overrides) -> HiViTMAEConfig:
-    """Read the HiViT-MAE architecture off mmpretrain weights. Head counts are not stored in weights: they default
-    to mmpretrain's (64-wide encoder heads, 16 decoder heads) unless a relative position table shows them;
-    `overrides` set any config field."""
-    state_dict = _strip_prefixes(state_dict)
+def infer_config(state_dict: dict, arch: Optional[str] = None, **overrides) -> HiViTMAEConfig:
+    """Read the HiViT-MAE architecture off mmpretrain weights.
+
+    Head counts are not stored in weights: they are mmpretrain's for its four sizes, otherwise 64-wide encoder heads
+    and 16 decoder heads, unless a relative position table shows them. `arch` (`"tiny"`, `"small"`, `"base"`,
+    `"large"`) imposes one of mmpretrain's sizes and `overrides` set any config field; weights that then do not fit
+    are reported by `check_weights`. Raises `CheckpointError` for weights that are not HiViT's.
+    """
+    try:
+        return _infer_config(_strip_prefixes(state_dict), arch, overrides)
+    except KeyError as error:
+        raise CheckpointError(f"the checkpoint lacks {error.args[0]}, which a HiViT checkpoint has") from None
+
+
+def _infer_config(state_dict: dict, arch: Optional[str], overrides: dict) -> HiViTMAEConfig:
     if "backbone.patch_embed.proj.weight" not in state_dict or not any(
         re.match(r"backbone\.blocks\.\d+\.", k) for k in state_dict
     ):
@@ -174,13 +217,19 @@ def infer_config(state_dict: dict, **overrides) -> HiViTMAEConfig:
         )
         if decoder_layers:
             config["decoder_mlp_ratio"] = state_dict["neck.decoder_blocks.0.ffn.layers.0.0.weight"].shape[0] / width
-    for arch, settings in HIVIT_ARCHS.items():
+    for settings in HIVIT_ARCHS.values():
         if settings["hidden_size"] == hidden_size and settings["depths"] == depths:
             config["num_attention_heads"] = settings["num_attention_heads"]
-            config.setdefault("name_or_path", f"hivit-mae-{arch}")
-    config.pop("name_or_path", None)
-    config.update(overrides)
-    return HiViTMAEConfig(**config)
+    if arch is not None:
+        if arch not in HIVIT_ARCHS:
+            raise CheckpointError(f"unknown arch {arch!r}; choose one of {', '.join(HIVIT_ARCHS)}")
+        config.update(HIVIT_ARCHS[arch], inner_patches=2 ** (len(HIVIT_ARCHS[arch]["depths"]) - 1))
+        config["patch_size"] = kernel * config["inner_patches"]
+    config.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return HiViTMAEConfig(**config)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 _MAIN_KEYS = {
@@ -263,25 +312,667 @@ def convert_state_dict(state_dict: dict, config: HiViTMAEConfig) -> tuple[dict, 
     return converted, unused
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="mmpretrain .pth (or .safetensors) checkpoint")
-    parser.add_argument("--output_dir", required=True, help="folder to write; loads with from_pretrained")
-    args = parser.parse_args(argv)
-    from modeling_hivit_mae import HiViTMAEForPreTraining
+def is_encoder_only(state_dict: dict) -> bool:
+    """Whether mmpretrain weights hold the encoder alone (no `neck.` decoder weights)."""
+    return not any(key.startswith("neck.") for key in state_dict)
+
+
+def check_weights(converted: dict, model: torch.nn.Module):
+    """Raise `CheckpointError` unless `converted` holds every weight of `model`, each with the model's shape: no
+    target weight may be left at its random initialisation."""
+    expected = model.state_dict()
+    wrong = [
+        f"{key} {tuple(value.shape)} (model: {tuple(expected[key].shape)})"
+        for key, value in converted.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise CheckpointError(
+            f"{len(wrong)} weights have the wrong shape for the inferred/overridden config: "
+            f"{'; '.join(wrong[:3])}{more}"
+        )
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} weights the model needs: {', '.join(missing[:5])}{more}"
+        )
+
+
+def _model_class(encoder_only: bool):
+    from modeling_hivit_mae import HiViTMAEForPreTraining, HiViTMAEModel
+
+    return HiViTMAEModel if encoder_only else HiViTMAEForPreTraining
+
+
+def build_model(config: HiViTMAEConfig, converted: dict, encoder_only: bool) -> torch.nn.Module:
+    """`HiViTMAEModel` (encoder-only weights) or `HiViTMAEForPreTraining` holding exactly the `converted` weights
+    (keys as `convert_state_dict` names them)."""
+    if encoder_only:
+        converted = {key.removeprefix("hivit."): value for key, value in converted.items()}
+    model = _model_class(encoder_only)(config)
+    check_weights(converted, model)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def _random_inputs(config: HiViTMAEConfig, batch_size: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    size = config.image_size
+    images = torch.randn(batch_size, config.num_channels, size, size, generator=generator)
+    noise = torch.rand(batch_size, config.num_patches, generator=generator)
+    return images, noise
+
+
+def verify_folder(folder: Path, expected: dict, config: HiViTMAEConfig, encoder_only: bool, dtype: torch.dtype) -> int:
+    """Reload `folder` and check every tensor bit for bit against `expected` (the converted source weights cast to
+    `dtype`) and that a forward pass is finite. Returns the number of tensors checked."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _model_class(encoder_only).from_pretrained(folder, dtype=dtype)
+    if encoder_only:
+        expected = {key.removeprefix("hivit."): value for key, value in expected.items()}
+    reloaded = model.state_dict()
+    if set(reloaded) != set(expected):
+        diff = sorted(set(reloaded) ^ set(expected))
+        raise CheckpointError(f"the written folder reloads with other weights than converted: {', '.join(diff[:5])}")
+    for key, value in expected.items():
+        value = value.to(dtype)
+        if reloaded[key].dtype != value.dtype or not torch.equal(reloaded[key], value):
+            raise CheckpointError(f"the written folder's {key} differs from the source checkpoint's")
+    images, noise = _random_inputs(config, 1, seed=0)
+    with torch.no_grad():
+        outputs = model.float()(images, mask=True, noise=noise)
+    for name, value in outputs.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"a forward pass of the converted model gives non-finite {name}")
+    return len(expected)
+
+
+def _mmpretrain_cfg(config: HiViTMAEConfig, encoder_only: bool) -> dict:
+    """mmpretrain config dict of the MAE-HiViT (or its `MAEHiViT` backbone alone) that `config` describes."""
+    unsupported = {
+        "num_channels": 3,
+        "stem_mlp_ratio": 3.0,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "hidden_act": "gelu",
+        "decoder_first_token_as_cls": True,
+        "legacy_position_encoding": True,
+    }
+    for name, value in unsupported.items():
+        if getattr(config, name) != value:
+            raise CheckpointError(
+                "--verify-against-mmpretrain: mmpretrain's MAEHiViT cannot be built with "
+                f"{name}={getattr(config, name)}"
+            )
+    norm = dict(type="LN", eps=config.layer_norm_eps)
+    backbone = dict(
+        type="MAEHiViT",
+        arch=dict(embed_dims=config.hidden_size, depths=list(config.depths), num_heads=config.num_attention_heads),
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        inner_patches=config.inner_patches,
+        out_indices=[config.depths[-1] - 1],
+        norm_cfg=norm,
+        ape=config.use_absolute_position_embeddings,
+        rpe=config.use_relative_position_bias,
+        layer_scale_init_value=config.layer_scale_init_value,
+        mask_ratio=config.mask_ratio,
+    )
+    if encoder_only:
+        return backbone
+    return dict(
+        type="MAE",
+        backbone=backbone,
+        neck=dict(
+            type="MAEPretrainDecoder",
+            num_patches=config.num_patches,
+            patch_size=config.patch_size,
+            in_chans=config.num_channels,
+            embed_dim=config.hidden_size,
+            decoder_embed_dim=config.decoder_hidden_size,
+            decoder_depth=config.decoder_num_hidden_layers,
+            decoder_num_heads=config.decoder_num_attention_heads,
+            mlp_ratio=config.decoder_mlp_ratio,
+            norm_cfg=norm,
+        ),
+        head=dict(
+            type="MAEPretrainHead",
+            norm_pix=config.norm_pix_loss,
+            patch_size=config.patch_size,
+            loss=dict(type="PixelReconstructionLoss", criterion="L2"),
+        ),
+    )
+
+
+def verify_against_mmpretrain(
+    state_dict: dict, model: torch.nn.Module, config: HiViTMAEConfig, encoder_only: bool
+) -> dict:
+    """Build mmpretrain's model from the same source weights, run it and `model` (float32) on the same random images
+    with the same mask, and return the largest absolute differences by output; raises `CheckpointError` above 1e-4.
+
+    Compares the masked encoder features and, for a full MAE, the decoder's pixel predictions and the loss; the
+    unmasked features too where mmpretrain's `HiViT.out_indices` bookkeeping allows (all four mmpretrain sizes).
+    """
+    from modeling_hivit_mae import random_masking
 
     try:
-        state_dict = extract_state_dict(load_checkpoint(args.checkpoint))
-        config = infer_config(state_dict)
-        converted, unused = convert_state_dict(state_dict, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from mmengine.logging import MMLogger
+            from mmpretrain.registry import MODELS
+            from mmpretrain.utils import register_all_modules
+
+            register_all_modules()
+            MMLogger.get_current_instance().setLevel("ERROR")
+    except ImportError as error:
+        raise CheckpointError(f"--verify-against-mmpretrain needs mmpretrain installed ({error})") from None
+    source = _strip_prefixes(state_dict)
+    if encoder_only:
+        source = {key.removeprefix("backbone."): value for key, value in source.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = MODELS.build(_mmpretrain_cfg(config, encoder_only)).eval()
+    missing, _ = reference.load_state_dict(source, strict=False)
+    missing = [key for key in missing if not key.endswith("relative_position_index")]
+    if missing:
+        raise CheckpointError(f"mmpretrain's model needs weights the checkpoint lacks: {', '.join(missing[:5])}")
+    backbone = reference if encoder_only else reference.backbone
+
+    images, noise = _random_inputs(config, 2, seed=0)
+
+    def masking_id(batch_size, mask_ratio):
+        return random_masking(noise, int(noise.shape[1] * (1 - mask_ratio)))
+
+    backbone.masking_id = masking_id
+    ours = model.float().eval()
+    encoder = ours if encoder_only else ours.hivit
+    diffs = {}
+    with torch.no_grad():
+        latent, mask, ids_restore = backbone(images)
+        features = encoder(images, mask=True, noise=noise)
+        diffs["masked encoder features"] = (latent - features.last_hidden_state).abs().max().item()
+        if not encoder_only:
+            pred = reference.neck(latent, ids_restore)
+            loss = reference.head.loss(pred, images, mask)
+            outputs = ours(images, mask=True, noise=noise)
+            diffs["decoder pixel predictions"] = (pred - outputs.logits).abs().max().item()
+            diffs["loss"] = (loss - outputs.loss).abs().item()
+        num_stem_blocks = 2 * sum(config.depths[:-1]) + len(config.depths) - 1
+        if config.depths[-1] - 1 >= num_stem_blocks:
+            unmasked = backbone(images, mask=None)[-1].flatten(2).transpose(1, 2)
+            features = encoder(images, mask=None).last_hidden_state
+            diffs["unmasked encoder features"] = (unmasked - features).abs().max().item()
+    worst = max(diffs, key=diffs.get)
+    if not diffs[worst] <= PARITY_TOLERANCE:
+        raise CheckpointError(
+            f"outputs differ from mmpretrain's: max abs diff of the {worst} is {diffs[worst]:.3g} > {PARITY_TOLERANCE}"
+        )
+    return diffs
+
+
+PARITY_TOLERANCE = 1e-4
+
+# mmpretrain's HiViT evaluation pipeline (configs/_base_/datasets/imagenet_bs64_hivit_224.py): ResizeEdge(256, short
+# edge, pillow, bicubic), CenterCrop(224), then the data preprocessor's RGB mean / std on the 0-255 scale.
+IMAGENET_MEAN = [123.675 / 255, 116.28 / 255, 103.53 / 255]
+IMAGENET_STD = [58.395 / 255, 57.12 / 255, 57.375 / 255]
+CROP_RATIO = 224 / 256
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """`BitImageProcessor` settings reproducing mmpretrain's HiViT evaluation preprocessing at `image_size`."""
+    return {
+        "image_processor_type": "BitImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": round(image_size / CROP_RATIO)},
+        "resample": 3,  # PIL.Image.BICUBIC
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
+    }
+
+
+def sha256sum(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _known_dataset(checkpoint: dict) -> Optional[str]:
+    """`"imagenet-1k"` when the training config stored in an mmengine checkpoint's `meta` uses ImageNet."""
+    meta = checkpoint.get("meta")
+    text = meta.get("cfg") if isinstance(meta, collections.abc.Mapping) else None
+    if isinstance(text, str) and re.search(r"""type\s*=\s*['"]ImageNet['"]""", text):
+        return "imagenet-1k"
+    return None
+
+
+@dataclass
+class ConversionReport:
+    """What `convert` did; it also feeds the model card."""
+
+    source: Path
+    sha256: str
+    output_dir: Path
+    config: HiViTMAEConfig
+    encoder_only: bool
+    dtype: str
+    num_parameters: int
+    num_tensors_checked: int = 0
+    unused_keys: list = field(default_factory=list)
+    unused_reason: Optional[str] = None
+    parity: Optional[dict] = None
+    dataset: Optional[str] = None
+    model_id: Optional[str] = None
+
+
+def model_card(report: ConversionReport) -> str:
+    """README.md of a converted folder: Hub metadata, description, a usage snippet that runs as written, provenance
+    and the verification figures."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = report.config
+    arch = next(
+        (
+            name
+            for name, settings in HIVIT_ARCHS.items()
+            if settings["hidden_size"] == config.hidden_size and settings["depths"] == config.depths
+        ),
+        "custom",
+    )
+    data = ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        tags=["vision", "hivit", "mae", "self-supervised", "masked-image-modeling", "mmpretrain"],
+        datasets=[report.dataset] if report.dataset else None,
+    )
+    model_id = report.model_id or str(report.output_dir)
+    grid = config.image_size // config.patch_size
+    if report.encoder_only:
+        contents = (
+            "This folder holds the **encoder only** (the source checkpoint has no decoder weights). Load it with "
+            "`HiViTMAEModel` / `AutoModel`; `HiViTMAEForPreTraining` would leave the decoder randomly initialised."
+        )
+    else:
+        contents = (
+            "This folder holds the encoder and the MAE decoder. `AutoModel` / `HiViTMAEModel` loads the encoder for "
+            "features; `AutoModelForPreTraining` / `HiViTMAEForPreTraining` adds the decoder and the pixel "
+            "reconstruction loss (it masks 75% of the patches at random by default)."
+        )
+    if report.parity:
+        figures = "\n".join(f"| {name} | {value:.2e} |" for name, value in report.parity.items())
+        parity = (
+            f"Outputs were compared with mmpretrain {_version('mmpretrain')}'s model built from the same weights, on "
+            f"the same random images and mask, in float32 (tolerance {PARITY_TOLERANCE}):\n\n"
+            f"| output | max abs diff |\n|---|---|\n{figures}"
+        )
+    else:
+        parity = "The outputs were not compared with mmpretrain's (`--verify-against-mmpretrain` was not given)."
+    unused = "None: every tensor of the source checkpoint was converted."
+    if report.unused_keys:
+        listed = ", ".join(f"`{key}`" for key in report.unused_keys[:20])
+        more = f" and {len(report.unused_keys) - 20} more" if len(report.unused_keys) > 20 else ""
+        unused = (
+            f"{len(report.unused_keys)} source tensors were left out ({listed}{more}). Reason: {report.unused_reason}"
+        )
+    body = f"""
+# HiViT-{arch} MAE ({"encoder" if report.encoder_only else "encoder + decoder"})
+
+A HiViT ("HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023) image encoder
+pre-trained with masked autoencoding (MAE), converted from an [mmpretrain](https://github.com/open-mmlab/mmpretrain)
+checkpoint. The model was not fine-tuned: use its features, or fine-tune it on a downstream task.
+
+{contents}
+
+Architecture: hidden size {config.hidden_size}, depths {config.depths}, {config.num_attention_heads} attention heads,
+patch size {config.patch_size}, pre-training image size {config.image_size} ({grid}x{grid} patches),
+{report.num_parameters:,} parameters stored in {report.dtype}.
+
+## Usage
+
+The model code ships with the weights, so loading needs `trust_remote_code=True`.
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+model_id = {json.dumps(model_id)}
+processor = AutoImageProcessor.from_pretrained(model_id)
+model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()
+
+image = Image.new("RGB", (640, 480), (124, 116, 104))  # or Image.open("your_image.jpg")
+inputs = processor(images=image, return_tensors="pt").to(model.dtype)
+with torch.no_grad():
+    features = model(**inputs).last_hidden_state  # (batch_size, {grid * grid}, {config.hidden_size})
+print(features.shape)
+```
+
+The image processor reproduces mmpretrain's HiViT evaluation preprocessing: resize the short side to
+{round(config.image_size / CROP_RATIO)} (bicubic), center-crop {config.image_size}x{config.image_size}, normalise with
+the ImageNet mean and standard deviation.
+
+## Conversion
+
+- Source checkpoint: `{report.source.name}`
+- SHA-256: `{report.sha256}`
+- Stored dtype: {report.dtype}
+- Tensors left out: {unused}
+- Check: the written folder was reloaded and all {report.num_tensors_checked} tensors compared bit for bit with the
+  source checkpoint's (cast to {report.dtype}); a forward pass gives finite outputs.
+
+{parity}
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(unknown version)"
+
+
+def _progress(step: int, total: int, message: str):
+    print(f"[{step}/{total}] {message}", flush=True)
+
+
+def _prepare_output(output_dir: Path, overwrite: bool):
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"--output_dir {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite to replace it")
+
+
+def _complete_auto_map(config_file: Path, encoder_only: bool):
+    """`save_pretrained` maps only the saved class; map `AutoModel` to the encoder for a full MAE folder too, so
+    that `AutoModel.from_pretrained(folder, trust_remote_code=True)` gives features from either kind of folder."""
+    config = json.loads(config_file.read_text())
+    auto_map = config.setdefault("auto_map", {})
+    auto_map.setdefault("AutoConfig", "configuration_hivit_mae.HiViTMAEConfig")
+    auto_map.setdefault("AutoModel", "modeling_hivit_mae.HiViTMAEModel")
+    if encoder_only:  # the decoder would be randomly initialised
+        auto_map.pop("AutoModelForPreTraining", None)
+    else:
+        auto_map.setdefault("AutoModelForPreTraining", "modeling_hivit_mae.HiViTMAEForPreTraining")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _make_readable(folder: Path):
+    """`tempfile.mkdtemp` creates a private (0700) folder; give the output the permissions of the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(staging: Path, output_dir: Path):
+    """Replace `output_dir` by the complete `staging` folder (same parent, so the renames are atomic)."""
+    old = None
+    if output_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+        os.replace(output_dir, old / output_dir.name)
+    os.replace(staging, output_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def convert(
+    checkpoint_path,
+    output_dir,
+    arch: Optional[str] = None,
+    overrides: Optional[dict] = None,
+    dtype: str = "float32",
+    allow_unused: Optional[str] = None,
+    overwrite: bool = False,
+    verify_mmpretrain: bool = False,
+    max_shard_size="5GB",
+    dataset: Optional[str] = None,
+    model_id: Optional[str] = None,
+    total_steps: int = 4,
+) -> ConversionReport:
+    """Convert `checkpoint_path` into the `from_pretrained` folder `output_dir`; see the command-line help.
+
+    The folder is written next to `output_dir` under a temporary name, verified, and only then moved into place.
+    Raises `CheckpointError` with a one-line reason for anything that cannot be converted.
+    """
+    checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir).absolute()
+    _prepare_output(output_dir, overwrite)
+
+    _progress(1, total_steps, f"loading {checkpoint_path}")
+    checkpoint = load_checkpoint(checkpoint_path)
+    state_dict = extract_state_dict(checkpoint)
+    sha256 = sha256sum(checkpoint_path)
+
+    config = infer_config(state_dict, arch=arch, **(overrides or {}))
+    encoder_only = is_encoder_only(state_dict)
+    converted, unused = convert_state_dict(state_dict, config)
+    if unused and allow_unused is None:
+        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        raise CheckpointError(
+            f"{len(unused)} checkpoint tensors map to no weight of HiViT-MAE: {', '.join(unused[:5])}{more} "
+            "(pass --allow-unused REASON to leave them out)"
+        )
+    model = build_model(config, converted, encoder_only)
+    num_parameters = sum(parameter.numel() for parameter in model.parameters())
+    _progress(
+        2,
+        total_steps,
+        f"mapping: {len(converted)} tensors to {type(model).__name__} (hidden size {config.hidden_size}, depths "
+        f"{config.depths}, image size {config.image_size}"
+        + (", encoder only" if encoder_only else "")
+        + (f"; {len(unused)} tensors left out: {', '.join(unused[:5])}" if unused else "")
+        + ")",
+    )
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        _progress(3, total_steps, f"writing {dtype} weights, config, code and image processor to {staging}")
+        model.to(DTYPES[dtype]).save_pretrained(staging, max_shard_size=max_shard_size)
+        _complete_auto_map(staging / "config.json", encoder_only)
+        with open(staging / "preprocessor_config.json", "w") as file:
+            json.dump(preprocessor_config(config.image_size), file, indent=2)
+            file.write("\n")
+
+        _progress(4, total_steps, f"verifying {staging}")
+        checked = verify_folder(staging, converted, config, encoder_only, DTYPES[dtype])
+        parity = None
+        if verify_mmpretrain:  # on the float32 mapping: the stored weights equal it cast to `dtype` (checked above)
+            if dtype != "float32":
+                model = build_model(config, converted, encoder_only)
+            parity = verify_against_mmpretrain(state_dict, model, config, encoder_only)
+        report = ConversionReport(
+            source=checkpoint_path,
+            sha256=sha256,
+            output_dir=output_dir,
+            config=config,
+            encoder_only=encoder_only,
+            dtype=dtype,
+            num_parameters=num_parameters,
+            num_tensors_checked=checked,
+            unused_keys=unused,
+            unused_reason=allow_unused,
+            parity=parity,
+            dataset=dataset or _known_dataset(checkpoint),
+            model_id=model_id,
+        )
+        (staging / "README.md").write_text(model_card(report))
+        _make_readable(staging)
+        _move_into_place(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    checks = f"{checked} tensors identical after reload, forward pass finite"
+    if parity:
+        checks += f", max abs diff vs mmpretrain {max(parity.values()):.2e}"
+    print(f"  {checks}", flush=True)
+    return report
+
+
+def push_to_hub(folder, repo_id: str, private: bool = False, commit_message: Optional[str] = None):
+    """Create the Hub model repo `repo_id` (if needed) and upload `folder` to it; returns `upload_folder`'s result."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    return api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=commit_message or "Upload HiViT-MAE converted from mmpretrain",
+    )
+
+
+EPILOG = """\
+examples:
+  # mmpretrain's published MAE-HiViT-base checkpoint, verified against mmpretrain (needs it installed)
+  python convert_checkpoint.py --checkpoint mae_hivit-base-p16_8xb512-amp-coslr-400e_in1k.pth \\
+      --output_dir hivit-mae-base --verify-against-mmpretrain
+
+  # a training checkpoint (epoch_400.pth) in bfloat16, published as a private Hub repo
+  python convert_checkpoint.py --checkpoint work_dirs/mae_hivit/epoch_400.pth --output_dir hivit-mae-base \\
+      --dtype bfloat16 --push_to_hub me/hivit-mae-base --private
+
+  # an encoder-only export with 12 heads that the weights cannot show; overwrite an earlier conversion
+  python convert_checkpoint.py --checkpoint backbone.safetensors --output_dir hivit-enc --num_attention_heads 12 \\
+      --overwrite
+
+inputs: mmengine training checkpoints (meta, state_dict, message_hub, optimizer, param_schedulers), published
+checkpoints (meta, state_dict), bare state dicts and .safetensors files, of the whole MAE (backbone./neck./head.
+keys) or of the encoder alone (backbone. keys or none). Pickles are read with torch's weights-only unpickler: no
+pickled code runs, and mmengine need not be installed.
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description="Convert an mmpretrain MAE-HiViT checkpoint into a Hugging Face transformers model folder "
+        "(model.safetensors, config.json, model code, preprocessor_config.json, README.md model card).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="mmpretrain checkpoint: .pth / .pt / .ckpt or .safetensors"
+    )
+    parser.add_argument(
+        "--output_dir", required=True, help="folder to write; refused if it exists and is not empty (see --overwrite)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output_dir")
+    parser.add_argument(
+        "--arch",
+        choices=sorted(HIVIT_ARCHS),
+        help="impose one of mmpretrain's HiViT sizes instead of inferring it from the weights",
+    )
+    parser.add_argument(
+        "--num_attention_heads",
+        type=int,
+        help="encoder attention heads (weights do not show them; default: mmpretrain's for its sizes, else width/64)",
+    )
+    parser.add_argument(
+        "--decoder_num_attention_heads", type=int, help="decoder attention heads (default: 16, as mmpretrain's)"
+    )
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        help="pre-training image size (default: read off the position tables, else 224)",
+    )
+    parser.add_argument(
+        "--norm_pix_loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the loss reconstructs per-patch normalised pixels (default: yes, as mmpretrain's recipe)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored weights (default: float32)"
+    )
+    parser.add_argument(
+        "--allow-unused",
+        metavar="REASON",
+        dest="allow_unused",
+        help="leave out checkpoint tensors that map to no model weight (an error otherwise); REASON goes into the "
+        "model card",
+    )
+    parser.add_argument(
+        "--verify-against-mmpretrain",
+        dest="verify_mmpretrain",
+        action="store_true",
+        help=f"also build mmpretrain's model from the same weights and fail if outputs differ by more than "
+        f"{PARITY_TOLERANCE} (needs mmpretrain); the figures go into the model card",
+    )
+    parser.add_argument(
+        "--max_shard_size", default="5GB", help="largest weight file before sharding, e.g. 500MB (default: 5GB)"
+    )
+    parser.add_argument(
+        "--dataset",
+        help="Hub id of the pre-training data set for the card (default: imagenet-1k when the checkpoint's "
+        "stored config says ImageNet, else none)",
+    )
+    parser.add_argument(
+        "--push_to_hub", metavar="REPO_ID", help="after converting, upload the folder to this Hub repo"
+    )
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
+    parser.add_argument(
+        "--commit-message", dest="commit_message", help="with --push_to_hub: commit message of the upload"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit status (0, or 1 with one `error: ...` line on stderr)."""
+    args = parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    overrides = {
+        "num_attention_heads": args.num_attention_heads,
+        "decoder_num_attention_heads": args.decoder_num_attention_heads,
+        "image_size": args.image_size,
+        "norm_pix_loss": args.norm_pix_loss,
+    }
+    total_steps = 5 if args.push_to_hub else 4
+    try:
+        report = convert(
+            args.checkpoint,
+            args.output_dir,
+            arch=args.arch,
+            overrides=overrides,
+            dtype=args.dtype,
+            allow_unused=args.allow_unused,
+            overwrite=args.overwrite,
+            verify_mmpretrain=args.verify_mmpretrain,
+            max_shard_size=args.max_shard_size,
+            dataset=args.dataset,
+            model_id=args.push_to_hub,
+            total_steps=total_steps,
+        )
+        if args.push_to_hub:
+            _progress(5, total_steps, f"uploading {report.output_dir} to https://huggingface.co/{args.push_to_hub}")
+            push_to_hub(report.output_dir, args.push_to_hub, args.private, args.commit_message)
     except CheckpointError as error:
-        sys.exit(f"error: {error}")
-    if unused:
-        sys.exit(f"error: {len(unused)} checkpoint keys map nowhere: {', '.join(unused[:10])}")
-    model = HiViTMAEForPreTraining(config)
-    model.load_state_dict(converted, strict=False)
-    model.save_pretrained(args.output_dir)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    kind = "encoder only, load with HiViTMAEModel / AutoModel" if report.encoder_only else "encoder + decoder"
+    print(f"done: {report.num_parameters / 1e6:.1f}M parameters ({kind}) written to {report.output_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

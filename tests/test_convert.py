@@ -1,0 +1,555 @@
+"""Tests of `convert_checkpoint.py`: every kind of input, every refusal, the written folder, and parity of converted
+folders with mmpretrain 1.2.0 (the independent reference). Most tests use a small custom HiViT built by mmpretrain
+itself; one converts mmpretrain's `tiny` arch at 224."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reference import build_mmpretrain_mae, fix_masking  # noqa: E402
+
+import convert_checkpoint  # noqa: E402
+from modeling_hivit_mae import HiViTMAEForPreTraining, HiViTMAEModel  # noqa: E402
+
+# A small HiViT that mmpretrain builds in well under a second: 64x64 images, 4x4 patches.
+SMALL = dict(embed_dims=128, depths=[1, 1, 2], num_heads=2, img_size=64, decoder_dim=32, decoder_depth=1)
+
+
+def build_small_mmpretrain_mae(seed=0):
+    """mmpretrain's MAE (`MAEHiViT` + `MAEPretrainDecoder` + `MAEPretrainHead`) at the `SMALL` size, every tensor
+    moved away from its initial value."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from mmpretrain.registry import MODELS
+        from mmpretrain.utils import register_all_modules
+
+        register_all_modules()
+    size = SMALL["img_size"]
+    cfg = dict(
+        type="MAE",
+        backbone=dict(
+            type="MAEHiViT",
+            arch={key: SMALL[key] for key in ("embed_dims", "depths", "num_heads")},
+            img_size=size,
+            patch_size=16,
+            out_indices=[SMALL["depths"][-1] - 1],
+        ),
+        neck=dict(
+            type="MAEPretrainDecoder",
+            num_patches=(size // 16) ** 2,
+            patch_size=16,
+            in_chans=3,
+            embed_dim=SMALL["embed_dims"],
+            decoder_embed_dim=SMALL["decoder_dim"],
+            decoder_depth=SMALL["decoder_depth"],
+            decoder_num_heads=16,
+        ),
+        head=dict(
+            type="MAEPretrainHead",
+            norm_pix=True,
+            patch_size=16,
+            loss=dict(type="PixelReconstructionLoss", criterion="L2"),
+        ),
+    )
+    torch.manual_seed(seed)
+    model = MODELS.build(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.init_weights()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for tensor in model.state_dict(keep_vars=True).values():
+            if tensor.is_floating_point():
+                tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def small_mm():
+    return build_small_mmpretrain_mae()
+
+
+@pytest.fixture(scope="module")
+def small_state_dict(small_mm):
+    return {key: value.clone() for key, value in small_mm.state_dict().items()}
+
+
+def run_main(args, capsys):
+    """Run the converter's CLI in-process; returns (exit status, stdout, stderr)."""
+    status = convert_checkpoint.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_refused(status, err, pattern, output_dir=None):
+    """One `error: ...` line matching `pattern`, a non-zero status, no traceback and nothing left behind."""
+    assert status != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+    if output_dir is not None:
+        assert not Path(output_dir).exists()
+        assert not list(Path(output_dir).parent.glob(f".{Path(output_dir).name}.*")), "temp folder left behind"
+
+
+def max_diff_vs_mmpretrain(folder, mm_model, encoder_only=False, image_size=64):
+    """Largest abs difference between the converted folder and mmpretrain on the same images and mask (masked
+    encoder features, plus decoder predictions and loss for a full MAE)."""
+    generator = torch.Generator().manual_seed(123)
+    images = torch.randn(2, 3, image_size, image_size, generator=generator)
+    noise = torch.rand(2, (image_size // 16) ** 2, generator=generator)
+    fix_masking(mm_model, noise)
+    model = (HiViTMAEModel if encoder_only else HiViTMAEForPreTraining).from_pretrained(folder).eval()
+    with torch.no_grad():
+        latent, mask, ids_restore = mm_model.backbone(images)
+        if encoder_only:
+            return (model(images, mask=True, noise=noise).last_hidden_state - latent).abs().max().item()
+        outputs = model(images, mask=True, noise=noise)
+        pred = mm_model.neck(latent, ids_restore)
+        loss = mm_model.head.loss(pred, images, mask)
+    assert torch.equal(outputs.mask, mask)
+    return max((outputs.logits - pred).abs().max().item(), (outputs.loss - loss).abs().item())
+
+
+def clean_env(tmp_path):
+    """Environment for subprocesses: no PYTHONPATH (so /work/main is not importable), HF caches under tmp_path."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHONPATH", "HF_"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_mmengine_training_checkpoint_loads_without_mmengine(tmp_path, small_mm, small_state_dict):
+    """A real mmengine training checkpoint (MessageHub with HistoryBuffers and numpy arrays, AdamW and scheduler
+    states) converts in a process where mmengine cannot be imported, and the folder matches mmpretrain."""
+    from mmengine.logging import MessageHub
+
+    hub = MessageHub.get_instance("test_convert_training_checkpoint")
+    for step in range(3):
+        hub.update_scalar("train/loss", 1.0 / (step + 1))
+        hub.update_scalar("train/lr", np.float64(1e-4 * step))
+    hub.update_info("iter", 3)
+    optimizer = torch.optim.AdamW(small_mm.parameters(), lr=1e-3)
+    for parameter in small_mm.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # fills exp_avg / exp_avg_sq (zero gradients leave the weights unchanged)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1)
+    checkpoint = dict(
+        meta=dict(epoch=1, iter=3, seed=0, cfg="train_dataloader = dict(dataset=dict(type='ImageNet'))"),
+        state_dict=small_state_dict,
+        message_hub=hub.state_dict(),
+        optimizer=optimizer.state_dict(),
+        param_schedulers=[scheduler.state_dict()],
+    )
+    path, output_dir = tmp_path / "epoch_1.pth", tmp_path / "out"
+    torch.save(checkpoint, path)
+
+    script = (
+        "import sys\n"
+        "sys.modules['mmengine'] = None  # any `import mmengine...` now raises ImportError\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import convert_checkpoint\n"
+        "checkpoint = convert_checkpoint.load_checkpoint(sys.argv[1])\n"
+        "assert type(checkpoint['message_hub']['log_scalars']['train/loss']).__name__ == '_Opaque'\n"
+        "sys.exit(convert_checkpoint.main(['--checkpoint', sys.argv[1], '--output_dir', sys.argv[2]]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(output_dir)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line.split("]")[0] for line in result.stdout.splitlines() if line.startswith("[")] == [
+        "[1/4",
+        "[2/4",
+        "[3/4",
+        "[4/4",
+    ]
+    assert f"written to {output_dir}" in result.stdout
+    assert max_diff_vs_mmpretrain(output_dir, small_mm) < 1e-4
+    card = (output_dir / "README.md").read_text()
+    assert "imagenet-1k" in card and convert_checkpoint.sha256sum(path) in card
+
+
+@pytest.mark.parametrize("kind", ["published", "bare", "safetensors"])
+def test_full_mae_inputs(tmp_path, capsys, small_mm, small_state_dict, kind):
+    if kind == "safetensors":
+        path = tmp_path / "mae.safetensors"
+        save_file(small_state_dict, str(path))
+    else:
+        path = tmp_path / "mae.pth"
+        torch.save(
+            dict(meta=dict(epoch=400), state_dict=small_state_dict) if kind == "published" else small_state_dict, path
+        )
+    status, out, err = run_main(["--checkpoint", path, "--output_dir", tmp_path / "out"], capsys)
+    assert status == 0, err
+    assert "done: " in out and "M parameters" in out
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["HiViTMAEForPreTraining"]
+    assert (config["hidden_size"], config["depths"], config["image_size"]) == (128, [1, 1, 2], 64)
+    assert config["num_attention_heads"] == 2 and config["decoder_num_attention_heads"] == 16
+    assert max_diff_vs_mmpretrain(tmp_path / "out", small_mm) < 1e-4
+    # The encoder of a full folder loads on its own too.
+    HiViTMAEModel.from_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("prefix", ["backbone.", ""])
+def test_encoder_only_inputs(tmp_path, capsys, small_mm, small_state_dict, prefix):
+    encoder = {
+        prefix + key[len("backbone.") :]: value for key, value in small_state_dict.items() if "backbone." in key
+    }
+    path = tmp_path / "encoder.pth"
+    torch.save(encoder, path)
+    status, out, err = run_main(["--checkpoint", path, "--output_dir", tmp_path / "out"], capsys)
+    assert status == 0, err
+    assert "encoder only" in out
+    folder = tmp_path / "out"
+    config = json.loads((folder / "config.json").read_text())
+    # Only the encoder is written: nothing would be left at random initialisation.
+    assert config["architectures"] == ["HiViTMAEModel"]
+    assert "AutoModelForPreTraining" not in config["auto_map"]
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as file:
+        assert not any(key.startswith("decoder") for key in file.keys())
+    assert "encoder only" in (folder / "README.md").read_text()
+    assert max_diff_vs_mmpretrain(folder, small_mm, encoder_only=True) < 1e-4
+
+
+def test_dtype_sharding_and_overrides(tmp_path, capsys, small_state_dict):
+    path = tmp_path / "mae.pth"
+    torch.save(small_state_dict, path)
+    folder = tmp_path / "out"
+    args = ["--checkpoint", path, "--output_dir", folder, "--dtype", "bfloat16", "--max_shard_size", "300KB"]
+    args += ["--num_attention_heads", "4", "--decoder_num_attention_heads", "8", "--no-norm_pix_loss"]
+    status, _, err = run_main(args, capsys)
+    assert status == 0, err
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = HiViTMAEForPreTraining.from_pretrained(folder, dtype=torch.bfloat16)
+    config = model.config
+    assert (config.num_attention_heads, config.decoder_num_attention_heads, config.norm_pix_loss) == (4, 8, False)
+    # Round trip: every stored tensor is the source tensor rounded to bfloat16.
+    assert torch.equal(
+        model.hivit.encoder.layers[1].attention.qkv.weight,
+        small_state_dict["backbone.blocks.7.attn.qkv.weight"].bfloat16(),
+    )
+    assert torch.equal(model.decoder.decoder_pred.bias, small_state_dict["neck.decoder_pred.bias"].bfloat16())
+
+
+def test_allow_unused_and_overwrite(tmp_path, capsys, small_state_dict):
+    path = tmp_path / "mae.pth"
+    torch.save({**small_state_dict, "data_preprocessor.mean": torch.zeros(3)}, path)
+    folder = tmp_path / "out"
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(
+        status, err, r"1 checkpoint tensors map to no weight.*data_preprocessor\.mean.*--allow-unused", folder
+    )
+
+    folder.mkdir()
+    (folder / "old.txt").write_text("from an earlier conversion")
+    args = ["--checkpoint", path, "--output_dir", folder, "--allow-unused", "normalisation constants, not weights"]
+    status, _, err = run_main(args, capsys)
+    assert_refused(status, err, r"exists and is not empty.*--overwrite")
+    assert (folder / "old.txt").exists()
+
+    status, out, err = run_main(args + ["--overwrite"], capsys)
+    assert status == 0, err
+    assert "data_preprocessor.mean" in out
+    assert not (folder / "old.txt").exists()
+    assert not list(tmp_path.glob(".out.*"))
+    card = (folder / "README.md").read_text()
+    assert "`data_preprocessor.mean`" in card and "normalisation constants, not weights" in card
+
+
+def test_failed_verification_leaves_nothing(tmp_path, capsys, small_state_dict, monkeypatch):
+    path = tmp_path / "mae.pth"
+    torch.save(small_state_dict, path)
+
+    def broken(*args, **kwargs):
+        raise convert_checkpoint.CheckpointError("the written folder's hivit.x differs from the source checkpoint's")
+
+    monkeypatch.setattr(convert_checkpoint, "verify_folder", broken)
+    status, out, err = run_main(["--checkpoint", path, "--output_dir", tmp_path / "out"], capsys)
+    assert_refused(status, err, "differs from the source", tmp_path / "out")
+    assert "[4/4] verifying" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_not_a_checkpoint_truncated_and_wrong_model(tmp_path, capsys, small_state_dict):
+    folder = tmp_path / "out"
+    text = tmp_path / "notes.pth"
+    text.write_text("these are my notes, not a checkpoint\n")
+    assert_refused(
+        *run_main(["--checkpoint", text, "--output_dir", folder], capsys)[::2], r"notes\.pth.*cannot be read"
+    )
+
+    whole = tmp_path / "whole.pth"
+    torch.save(small_state_dict, whole)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert_refused(*run_main(["--checkpoint", truncated, "--output_dir", folder], capsys)[::2], r"truncated\.pth")
+
+    bad_safetensors = tmp_path / "bad.safetensors"
+    bad_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    args = ["--checkpoint", bad_safetensors, "--output_dir", folder]
+    assert_refused(*run_main(args, capsys)[::2], r"not a readable safetensors file")
+
+    missing = tmp_path / "missing.pth"
+    assert_refused(*run_main(["--checkpoint", missing, "--output_dir", folder], capsys)[::2], r"no such file")
+
+    # mmpretrain's MAE-ViT keeps a class token and `layers.N` blocks.
+    vit = {
+        "backbone.cls_token": torch.zeros(1, 1, 768),
+        "backbone.pos_embed": torch.zeros(1, 197, 768),
+        "backbone.patch_embed.projection.weight": torch.zeros(768, 3, 16, 16),
+        "backbone.layers.0.attn.qkv.weight": torch.zeros(2304, 768),
+        "neck.decoder_embed.weight": torch.zeros(512, 768),
+    }
+    path = tmp_path / "mae_vit.pth"
+    torch.save({"meta": {}, "state_dict": vit}, path)
+    assert_refused(*run_main(["--checkpoint", path, "--output_dir", folder], capsys)[::2], r"not a HiViT.*MAE-ViT")
+
+    torch.save({"meta": {"epoch": 1}, "state_dict": {}}, path)
+    assert_refused(*run_main(["--checkpoint", path, "--output_dir", folder], capsys)[::2], r"holds no tensors")
+    assert not folder.exists()
+
+
+def test_wrong_shapes(tmp_path, capsys, small_state_dict):
+    folder = tmp_path / "out"
+    path = tmp_path / "mae.pth"
+    torch.save(small_state_dict, path)
+    # Imposing another arch on these weights.
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder, "--arch", "tiny"], capsys)
+    assert_refused(status, err, r"wrong shape", folder)
+    # A position table for another image size than the one imposed.
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder, "--image_size", "96"], capsys)
+    assert_refused(status, err, r"wrong shape.*position_embeddings", folder)
+    # A tensor cut short.
+    damaged = dict(small_state_dict)
+    damaged["backbone.blocks.7.mlp.fc1.weight"] = damaged["backbone.blocks.7.mlp.fc1.weight"][:100]
+    torch.save(damaged, path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(
+        status,
+        err,
+        r"1 weights have the wrong shape.*encoder\.layers\.1\.mlp\.fc1\.weight \(100, 128\) \(model: \(512, 128\)\)",
+        folder,
+    )
+    # A tensor missing.
+    del damaged["backbone.blocks.7.mlp.fc1.weight"]
+    torch.save(damaged, path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(status, err, r"lacks", folder)
+
+
+class _RunsCode:
+    """Unpickling this with a plain unpickler would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_never_runs(tmp_path, small_state_dict):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"meta": {"hook": _RunsCode(marker)}, "state_dict": small_state_dict}, path)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "convert_checkpoint.py"), "--checkpoint", str(path), "--output_dir", "out"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert not marker.exists()
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert_refused(result.returncode, result.stderr, r"evil\.pth.*pickles `(posix|os)\.system`.*not unpickled")
+    assert not (tmp_path / "out").exists()
+
+
+class _GetattrGadget:
+    """Attribute lookups are how pickle exploits reach code from allowed objects; only mmengine stand-ins get one."""
+
+    def __reduce__(self):
+        return (getattr, ("any object", "upper"))
+
+
+def test_getattr_only_on_stand_ins(tmp_path, capsys):
+    path = tmp_path / "gadget.pth"
+    torch.save({"meta": {"x": _GetattrGadget()}, "state_dict": {"w": torch.zeros(1)}}, path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", tmp_path / "out"], capsys)
+    assert_refused(status, err, r"gadget\.pth.*not unpickled.*getattr\(str, 'upper'\) is not allowed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mmpretrain's tiny arch: parity, the image processor, remote code and the model card snippet
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """mmpretrain's MAE-HiViT-tiny and its conversion with --verify-against-mmpretrain."""
+    tmp_path = tmp_path_factory.mktemp("tiny")
+    mm_model = build_mmpretrain_mae("tiny", 224, seed=3)
+    path = tmp_path / "mae_hivit-tiny.pth"
+    torch.save({"meta": {"epoch": 400}, "state_dict": mm_model.state_dict()}, path)
+    args = ["--checkpoint", path, "--output_dir", tmp_path / "hivit-mae-tiny", "--verify-against-mmpretrain"]
+    assert convert_checkpoint.main([str(arg) for arg in args]) == 0
+    return mm_model, tmp_path / "hivit-mae-tiny", path
+
+
+def test_tiny_parity_and_folder_contents(tiny):
+    mm_model, folder, path = tiny
+    assert max_diff_vs_mmpretrain(folder, mm_model, image_size=224) < 1e-4
+    model = HiViTMAEModel.from_pretrained(folder).eval()
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = mm_model.backbone(images, mask=None)[-1].flatten(2).transpose(1, 2)
+        assert (model(images).last_hidden_state - expected).abs().max() < 1e-4
+
+    files = {file.name for file in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "configuration_hivit_mae.py", "modeling_hivit_mae.py"} <= files
+    assert {"preprocessor_config.json", "README.md"} <= files
+    assert (folder / "modeling_hivit_mae.py").read_text() == (ROOT / "modeling_hivit_mae.py").read_text()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_hivit_mae.HiViTMAEConfig",
+        "AutoModel": "modeling_hivit_mae.HiViTMAEModel",
+        "AutoModelForPreTraining": "modeling_hivit_mae.HiViTMAEForPreTraining",
+    }
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert "hivit" in card.data.tags
+    assert card.data.datasets is None  # a published checkpoint without its config: data set unknown
+    assert path.name in card.text and convert_checkpoint.sha256sum(path) in card.text
+    figures = re.findall(
+        r"\| (masked encoder features|decoder pixel predictions|loss|unmasked encoder features) "
+        r"\| ([0-9.e+-]+) \|",
+        card.text,
+    )
+    assert len(figures) == 4 and all(float(value) < 1e-4 for _, value in figures)
+
+
+def test_image_processor_matches_mmpretrain_pipeline(tiny):
+    """`AutoImageProcessor` of the folder vs mmpretrain's HiViT test pipeline (ResizeEdge 256 bicubic + CenterCrop
+    224, pillow backend) and its data preprocessor's mean / std."""
+    from mmcv.transforms import CenterCrop
+    from mmpretrain.datasets.transforms import ResizeEdge
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny[1])
+    rgb = np.random.RandomState(0).randint(0, 256, (300, 451, 3), dtype=np.uint8)
+    results = ResizeEdge(scale=256, edge="short", backend="pillow", interpolation="bicubic")(dict(img=rgb))
+    results = CenterCrop(crop_size=224)(results)
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    expected = torch.from_numpy(((results["img"] - mean) / std).transpose(2, 0, 1)).float()[None]
+    for image in (Image.fromarray(rgb), Image.fromarray(rgb).convert("RGBA")):
+        pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+        assert pixel_values.shape == (1, 3, 224, 224)
+        # Both resize with PIL's bicubic; rounding may differ by one grey level.
+        assert (pixel_values - expected).abs().max() < 1.5 / 57.12
+        assert (pixel_values - expected).abs().mean() < 0.01
+
+
+def test_model_card_snippet_runs_with_remote_code(tiny, tmp_path):
+    """The card's snippet, run as written in a fresh process that cannot import this repo: `AutoModel` with
+    `trust_remote_code` loads the copied code, and its features equal mmpretrain's for the same pixels."""
+    mm_model, folder, _ = tiny
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    code += (
+        f"\nimport sys\nassert not any(p and {str(ROOT)!r} in p for p in sys.path), sys.path\n"
+        "assert type(model).__module__.startswith('transformers_modules'), type(model).__module__\n"
+        "torch.save({'pixel_values': inputs['pixel_values'], 'features': features}, 'result.pt')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.Size([1, 196, 384])" in result.stdout
+    saved = torch.load(tmp_path / "result.pt")
+    with torch.no_grad():
+        expected = mm_model.backbone(saved["pixel_values"], mask=None)[-1].flatten(2).transpose(1, 2)
+    assert (saved["features"] - expected).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Publishing and the command line
+
+
+def test_push_to_hub(tmp_path, capsys, small_state_dict, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        calls.append(("upload_folder", sorted(file.name for file in folder.iterdir()), kwargs))
+        return "https://huggingface.co/me/hivit-mae-small/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    path = tmp_path / "mae.pth"
+    torch.save(small_state_dict, path)
+    args = ["--checkpoint", path, "--output_dir", tmp_path / "out", "--push_to_hub", "me/hivit-mae-small"]
+    status, out, err = run_main(args + ["--private", "--commit-message", "Add weights"], capsys)
+    assert status == 0, err
+    assert "[5/5] uploading" in out
+    (name, repo_id, kwargs), (name2, files, upload) = calls
+    assert (name, repo_id, kwargs["private"], name2) == ("create_repo", "me/hivit-mae-small", True, "upload_folder")
+    assert files == sorted(
+        [
+            "README.md",
+            "config.json",
+            "configuration_hivit_mae.py",
+            "model.safetensors",
+            "modeling_hivit_mae.py",
+            "preprocessor_config.json",
+        ]
+    )
+    assert upload["repo_id"] == "me/hivit-mae-small" and upload["commit_message"] == "Add weights"
+    assert Path(upload["folder_path"]) == tmp_path / "out"
+    assert 'model_id = "me/hivit-mae-small"' in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_checkpoint.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = [
+        "--checkpoint", "--output_dir", "--overwrite", "--arch", "--num_attention_heads",
+        "--decoder_num_attention_heads", "--image_size", "--norm_pix_loss", "--dtype", "--allow-unused",
+        "--verify-against-mmpretrain", "--max_shard_size", "--dataset", "--push_to_hub", "--private",
+        "--commit-message",
+    ]  # fmt: skip
+    for option in options:
+        assert option in text
+    assert "examples:" in text and "python convert_checkpoint.py --checkpoint" in text
