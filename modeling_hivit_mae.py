@@ -792,9 +792,9 @@ class HiViTMAEForPreTraining(HiViTMAEPreTrainedModel):
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = ((logits - target) ** 2).mean(dim=-1)
-        if not mask.any():
-            return loss.mean()
-        return (loss * mask).sum() / mask.sum()
+        num_masked = mask.sum()
+        # A select rather than a Python branch keeps the forward free of host syncs and graph breaks.
+        return torch.where(num_masked > 0, (loss * mask).sum() / num_masked.clamp(min=1), loss.mean())
 
     def forward(
         self,
