@@ -474,7 +474,8 @@ def verify_against_mmpretrain(
         source = {key.removeprefix("backbone."): value for key, value in source.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = MODELS.build(_mmpretrain_cfg(config, encoder_only)).eval()
+        reference = MODELS.build(_mmpretrain_cfg(config, encoder_only))
+    reference.eval()  # not chained: mmpretrain's `HiViT.train` returns None
     missing, _ = reference.load_state_dict(source, strict=False)
     missing = [key for key in missing if not key.endswith("relative_position_index")]
     if missing:
