@@ -11,12 +11,11 @@ HIVIT_ARCHS = {
 }
 
 
-# Written into every saved config so that a folder made by either model class loads with both `AutoModel` and
-# `AutoModelForPreTraining` (`save_pretrained` alone would record only the class that saved it).
+# Written into every saved config: the encoder loads from any HiViT-MAE folder, so a folder saved by
+# `HiViTMAEForPreTraining` (whose `save_pretrained` adds `AutoModelForPreTraining`) also loads with `AutoModel`.
 AUTO_MAP = {
     "AutoConfig": "configuration_hivit_mae.HiViTMAEConfig",
     "AutoModel": "modeling_hivit_mae.HiViTMAEModel",
-    "AutoModelForPreTraining": "modeling_hivit_mae.HiViTMAEForPreTraining",
 }
 
 

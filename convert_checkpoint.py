@@ -390,7 +390,7 @@ def verify_folder(folder: Path, expected: dict, config: HiViTMAEConfig, encoder_
     return len(expected)
 
 
-def _mmpretrain_cfg(config: HiViTMAEConfig, encoder_only: bool) -> dict:
+def mmpretrain_config(config: HiViTMAEConfig, encoder_only: bool = False) -> dict:
     """mmpretrain config dict of the MAE-HiViT (or its `MAEHiViT` backbone alone) that `config` describes."""
     unsupported = {
         "num_channels": 3,
@@ -474,7 +474,7 @@ def verify_against_mmpretrain(
         source = {key.removeprefix("backbone."): value for key, value in source.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = MODELS.build(_mmpretrain_cfg(config, encoder_only))
+        reference = MODELS.build(mmpretrain_config(config, encoder_only))
     reference.eval()  # not chained: mmpretrain's `HiViT.train` returns None
     missing, _ = reference.load_state_dict(source, strict=False)
     missing = [key for key in missing if not key.endswith("relative_position_index")]
@@ -698,20 +698,6 @@ def _prepare_output(output_dir: Path, overwrite: bool):
         raise CheckpointError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite to replace it")
 
 
-def _complete_auto_map(config_file: Path, encoder_only: bool):
-    """`save_pretrained` maps only the saved class; map `AutoModel` to the encoder for a full MAE folder too, so
-    that `AutoModel.from_pretrained(folder, trust_remote_code=True)` gives features from either kind of folder."""
-    config = json.loads(config_file.read_text())
-    auto_map = config.setdefault("auto_map", {})
-    auto_map.setdefault("AutoConfig", "configuration_hivit_mae.HiViTMAEConfig")
-    auto_map.setdefault("AutoModel", "modeling_hivit_mae.HiViTMAEModel")
-    if encoder_only:  # the decoder would be randomly initialised
-        auto_map.pop("AutoModelForPreTraining", None)
-    else:
-        auto_map.setdefault("AutoModelForPreTraining", "modeling_hivit_mae.HiViTMAEForPreTraining")
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def _make_readable(folder: Path):
     """`tempfile.mkdtemp` creates a private (0700) folder; give the output the permissions of the umask."""
     umask = os.umask(0)
@@ -788,7 +774,6 @@ def convert(
     try:
         _progress(3, total_steps, f"writing {dtype} weights, config, code and image processor to {staging}")
         model.to(DTYPES[dtype]).save_pretrained(staging, max_shard_size=max_shard_size)
-        _complete_auto_map(staging / "config.json", encoder_only)
         with open(staging / "preprocessor_config.json", "w") as file:
             json.dump(preprocessor_config(config.image_size), file, indent=2)
             file.write("\n")

@@ -546,6 +546,18 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
     def get_input_embeddings(self) -> HiViTMAEPatchEmbeddings:
         return self.patch_embeddings
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`, but an encoder folder never maps `AutoModelForPreTraining`: the
+        config may be shared with the pre-training model this encoder came from, and its decoder is not saved."""
+        auto_map = getattr(self.config, "auto_map", None)
+        if auto_map and "AutoModelForPreTraining" in auto_map:
+            self.config.auto_map = {k: v for k, v in auto_map.items() if k != "AutoModelForPreTraining"}
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if auto_map is not None:
+                self.config.auto_map = auto_map
+
     def _masking(
         self,
         batch_size: int,

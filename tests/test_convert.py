@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import build_mmpretrain_mae, fix_masking
 from safetensors.torch import save_file
 
+import convert_checkpoint
+from modeling_hivit_mae import HiViTMAEForPreTraining, HiViTMAEModel
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from reference import build_mmpretrain_mae, fix_masking  # noqa: E402
-
-import convert_checkpoint  # noqa: E402
-from modeling_hivit_mae import HiViTMAEForPreTraining, HiViTMAEModel  # noqa: E402
 
 # A small HiViT that mmpretrain builds in well under a second: 64x64 images, 4x4 patches.
 SMALL = dict(embed_dims=128, depths=[1, 1, 2], num_heads=2, img_size=64, decoder_dim=32, decoder_depth=1)

@@ -378,6 +378,9 @@ def test_save_and_load_round_trip(tmp_path, config, images):
         "AutoModelForPreTraining": "modeling_hivit_mae.HiViTMAEForPreTraining",
     }
     assert (tmp_path / "modeling_hivit_mae.py").is_file() and (tmp_path / "configuration_hivit_mae.py").is_file()
+    # An encoder folder does not claim AutoModelForPreTraining: its decoder would be random.
+    HiViTMAEModel(config).save_pretrained(tmp_path / "encoder")
+    assert "AutoModelForPreTraining" not in json.loads((tmp_path / "encoder" / "config.json").read_text())["auto_map"]
 
     loaded = HiViTMAEForPreTraining.from_pretrained(tmp_path).eval()
     with torch.no_grad():
