@@ -348,16 +348,11 @@ class HiViTMAEPatchMerge(nn.Module):
         self.reduction = nn.Linear(4 * hidden_size, 2 * hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Concatenation order (row, col) = (0, 0), (1, 0), (0, 1), (1, 1), as mmpretrain (and Swin) order it.
-        merged = torch.cat(
-            [
-                hidden_states[..., 0::2, 0::2, :],
-                hidden_states[..., 1::2, 0::2, :],
-                hidden_states[..., 0::2, 1::2, :],
-                hidden_states[..., 1::2, 1::2, :],
-            ],
-            dim=-1,
-        )
+        batch_size, num_patches, inner, _, dim = hidden_states.shape
+        # mmpretrain (like Swin) concatenates the 2x2 neighbours in (row, col) order (0, 0), (1, 0), (0, 1), (1, 1),
+        # i.e. column offset major: one permute gives that layout with a single copy instead of four slices.
+        merged = hidden_states.reshape(batch_size, num_patches, inner // 2, 2, inner // 2, 2, dim)
+        merged = merged.permute(0, 1, 2, 4, 5, 3, 6).reshape(batch_size, num_patches, inner // 2, inner // 2, 4 * dim)
         return self.reduction(self.layernorm(merged))
 
 
