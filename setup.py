@@ -11,12 +11,26 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    py_modules=["configuration_hivit_mae", "modeling_hivit_mae", "convert_checkpoint"],
+    py_modules=[
+        "configuration_hivit_mae",
+        "modeling_hivit_mae",
+        "convert_checkpoint",
+        "run_pretraining",
+        "visualize_reconstruction",
+    ],
     install_requires=[
         "torch>=2.1",
         "transformers>=4.57",
         "safetensors",
         "huggingface_hub",
+        "numpy",
+        # Pre-training: Trainer runs on accelerate; images come through datasets, torchvision and Pillow; the
+        # built-in default trains on the photographs that ship inside scikit-image.
+        "accelerate>=1.1",
+        "datasets>=2.19",
+        "torchvision",
+        "pillow",
+        "scikit-image",
     ],
     extras_require={
         "test": [
@@ -26,7 +40,6 @@ setup(
             "mmpretrain==1.2.0",
             "mmengine==0.10.7",
             "mmcv-lite==2.2.0",
-            "torchvision",
         ],
     },
 )
