@@ -151,7 +151,9 @@ class ModelArguments:
         },
     )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Cache folder for Hub models and datasets."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to `datasets.load_dataset`."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Passed to `datasets.load_dataset` (script datasets, datasets < 4)."}
+    )
 
 
 @dataclass
@@ -322,7 +324,7 @@ def load_train_dataset(data_args: DataTrainingArguments, model_args: ModelArgume
             data_args.dataset_config_name,
             split=data_args.train_split,
             cache_dir=model_args.cache_dir,
-            trust_remote_code=model_args.trust_remote_code or None,
+            **({"trust_remote_code": True} if model_args.trust_remote_code else {}),
         )
         source = f"Hub dataset `{data_args.dataset_name}` (split `{data_args.train_split}`)"
     elif data_args.train_dir is not None:

@@ -337,3 +337,24 @@ def test_missing_image_column_is_a_clear_error(tmp_path):
     args = [a for a in args if a not in ("--train_dir", str(folder))]
     with pytest.raises(ValueError, match="'pixels' is not a column"):
         run_pretraining.main(["--dataset_name", str(tmp_path / "data"), *args])
+
+
+def test_speed_flags_bf16_gradient_checkpointing_workers(image_dir, tmp_path):
+    summary = run_pretraining.main(
+        base_args(
+            image_dir,
+            tmp_path / "out",
+            "--max_steps",
+            "2",
+            "--bf16",
+            "True",
+            "--gradient_checkpointing",
+            "True",
+            "--dataloader_num_workers",
+            "2",
+            "--reconstruction_figure",
+            "False",
+        )
+    )
+    assert summary["global_step"] == 2
+    assert all(np.isfinite(loss) for _, loss in summary["losses"])
