@@ -39,11 +39,9 @@ from torchvision import transforms
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig  # noqa: E402
-from modeling_hivit_mae import HiViTMAEForPreTraining  # noqa: E402
-from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD, stack_vertically, visualize  # noqa: E402
+from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
+from modeling_hivit_mae import HiViTMAEForPreTraining
+from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD, stack_vertically, visualize
 
 logger = logging.getLogger(__name__)
 

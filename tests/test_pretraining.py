@@ -13,15 +13,13 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+import run_pretraining
+import visualize_reconstruction
+from configuration_hivit_mae import HiViTMAEConfig
+from modeling_hivit_mae import HiViTMAEForPreTraining
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import run_pretraining  # noqa: E402
-import visualize_reconstruction  # noqa: E402
-from configuration_hivit_mae import HiViTMAEConfig  # noqa: E402
-from modeling_hivit_mae import HiViTMAEForPreTraining  # noqa: E402
-
-TINY = "image_size=32,depths=[1,1,2],hidden_size=64,num_attention_heads=2,decoder_hidden_size=32,decoder_num_hidden_layers=1,decoder_num_attention_heads=2"  # noqa: E501
 TINY_CONFIG = dict(
     image_size=32,
     depths=[1, 1, 2],
@@ -31,6 +29,7 @@ TINY_CONFIG = dict(
     decoder_num_hidden_layers=1,
     decoder_num_attention_heads=2,
 )
+TINY = json.dumps(TINY_CONFIG)  # as `--config_overrides` takes it
 
 
 def make_images(folder: Path, count: int, size=(40, 36)) -> Path:
