@@ -415,14 +415,19 @@ class HiViTMAEEncoder(nn.Module):
         position_index: Optional[torch.Tensor],
         grid_size: tuple[int, int],
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[Optional[torch.Tensor]]]:
-        """`(batch_size, seq_len, hidden_size)` -> the same shape, with the input and every layer's output, and every
-        layer's attention probabilities (`None` unless `output_attentions`)."""
-        all_hidden_states, all_attentions = [hidden_states], []
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """`(batch_size, seq_len, hidden_size)` -> the same shape; with the input and every layer's output when
+        `output_hidden_states`, and every layer's attention probabilities when `output_attentions` (else empty
+        lists, so that no intermediate state outlives its layer)."""
+        all_hidden_states = [hidden_states] if output_hidden_states else []
+        all_attentions = []
         for layer in self.layers:
             hidden_states, probs = layer(hidden_states, position_index, grid_size, output_attentions)
-            all_hidden_states.append(hidden_states)
-            all_attentions.append(probs)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if output_attentions:
+                all_attentions.append(probs)
         return hidden_states, all_hidden_states, all_attentions
 
 
@@ -642,7 +647,8 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
         all_hidden_states = []
         for stage in self.stem:
             hidden_states, stage_output = stage(hidden_states)
-            all_hidden_states.append(stage_output)
+            if output_hidden_states:
+                all_hidden_states.append(stage_output)
         hidden_states = hidden_states.flatten(2)  # the merges leave a 1x1 inner grid
 
         legacy = self.config.legacy_position_encoding
@@ -667,7 +673,7 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
                 position_index = position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
 
         hidden_states, main_hidden_states, all_attentions = self.encoder(
-            hidden_states, position_index, grid_size, output_attentions
+            hidden_states, position_index, grid_size, output_attentions, output_hidden_states
         )
         all_hidden_states += main_hidden_states
 
@@ -740,8 +746,9 @@ class HiViTMAEDecoder(nn.Module):
 
         for layer in self.decoder_layers:
             hidden_states = layer(hidden_states)[0]
-        logits = self.decoder_pred(self.decoder_norm(hidden_states))
-        return logits[:, 1:] if self.config.decoder_first_token_as_cls else logits
+        if self.config.decoder_first_token_as_cls:
+            hidden_states = hidden_states[:, 1:]  # the class slot predicts nothing (the norm works per token)
+        return self.decoder_pred(self.decoder_norm(hidden_states))
 
 
 class HiViTMAEForPreTraining(HiViTMAEPreTrainedModel):
