@@ -357,7 +357,8 @@ class HiViTMAEPatchMerge(nn.Module):
 
 
 class HiViTMAEStemStage(nn.Module):
-    """`2 * depth` MLP blocks on the stem tokens, then a patch merge."""
+    """One stem stage: `2 * depth` MLP blocks on the stem tokens, then a patch merge. [`HiViTMAEModel`] runs the
+    blocks itself, one after the other, so that no reference holds a stage's input for the whole stage."""
 
     def __init__(self, config: HiViTMAEConfig, stage: int, drop_path_rates: list[float]):
         super().__init__()
@@ -378,15 +379,10 @@ class HiViTMAEStemStage(nn.Module):
         )
         self.merge = HiViTMAEPatchMerge(hidden_size, config.layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the merged tokens and the stage's output before the merge."""
-        for block in self.blocks:
-            hidden_states = block(hidden_states)[0]
-        return self.merge(hidden_states), hidden_states
-
 
 class HiViTMAEEncoder(nn.Module):
-    """The main stage: `depths[-1]` transformer layers on one token per visible patch."""
+    """The main stage: `depths[-1]` transformer layers on one token per visible patch (run by
+    [`HiViTMAEModel`])."""
 
     def __init__(self, config: HiViTMAEConfig, drop_path_rates: list[float]):
         super().__init__()
@@ -408,27 +404,6 @@ class HiViTMAEEncoder(nn.Module):
                 for rate in drop_path_rates
             ]
         )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_index: Optional[torch.Tensor],
-        grid_size: tuple[int, int],
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """`(batch_size, seq_len, hidden_size)` -> the same shape; with the input and every layer's output when
-        `output_hidden_states`, and every layer's attention probabilities when `output_attentions` (else empty
-        lists, so that no intermediate state outlives its layer)."""
-        all_hidden_states = [hidden_states] if output_hidden_states else []
-        all_attentions = []
-        for layer in self.layers:
-            hidden_states, probs = layer(hidden_states, position_index, grid_size, output_attentions)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if output_attentions:
-                all_attentions.append(probs)
-        return hidden_states, all_hidden_states, all_attentions
 
 
 def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -644,11 +619,16 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
             hidden_states = torch.gather(
                 hidden_states, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *hidden_states.shape[2:])
             )
-        all_hidden_states = []
+        # The blocks run in this loop rather than in per-stage forwards so that each block's input is released as
+        # soon as the block is done (a stage-level call would hold the stage's input, at the stride-4 stage the
+        # largest tensor of an inference forward).
+        all_hidden_states, all_attentions = [], []
         for stage in self.stem:
-            hidden_states, stage_output = stage(hidden_states)
+            for block in stage.blocks:
+                hidden_states = block(hidden_states)[0]
             if output_hidden_states:
-                all_hidden_states.append(stage_output)
+                all_hidden_states.append(hidden_states)
+            hidden_states = stage.merge(hidden_states)
         hidden_states = hidden_states.flatten(2)  # the merges leave a 1x1 inner grid
 
         legacy = self.config.legacy_position_encoding
@@ -672,10 +652,14 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
             if ids_keep is not None:
                 position_index = position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
 
-        hidden_states, main_hidden_states, all_attentions = self.encoder(
-            hidden_states, position_index, grid_size, output_attentions, output_hidden_states
-        )
-        all_hidden_states += main_hidden_states
+        for layer in self.encoder.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states, probs = layer(hidden_states, position_index, grid_size, output_attentions)
+            if output_attentions:
+                all_attentions.append(probs)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
 
         reshaped = None
         if output_hidden_states and ids_keep is None:

@@ -283,7 +283,8 @@ def test_position_encoding_on_the_masked_path(make_config, images):
     for legacy in (True, False):
         model = HiViTMAEModel(make_config(legacy_position_encoding=legacy)).eval()
         inputs = []
-        hook = model.encoder.register_forward_pre_hook(lambda module, args, inputs=inputs: inputs.append(args[0]))
+        first_layer = model.encoder.layers[0]
+        hook = first_layer.register_forward_pre_hook(lambda module, args, inputs=inputs: inputs.append(args[0]))
         model(images)
         model(images, mask=mask)
         hook.remove()
