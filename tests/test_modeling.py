@@ -439,3 +439,20 @@ def test_encoder_class_is_the_main_stage(config):
     model = HiViTMAEModel(config)
     assert isinstance(model.encoder, HiViTMAEEncoder) and len(model.encoder.layers) == config.depths[-1]
     assert [len(stage.blocks) for stage in model.stem] == [2 * depth for depth in config.depths[:-1]]
+
+
+def test_compiles_without_graph_breaks(config, images):
+    """`torch.compile(fullgraph=True)` must trace the whole forward (Dynamo's eager backend: no code generation)
+    for random masking with noise and for no masking."""
+    torch._dynamo.reset()
+    model = HiViTMAEForPreTraining(config).eval()
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(7))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    encoder = torch.compile(model.hivit, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for kwargs in ({"noise": noise}, {"mask": False}):
+            expected = model(images, **kwargs)
+            actual = compiled(images, **kwargs)
+            torch.testing.assert_close(actual.logits, expected.logits)
+            torch.testing.assert_close(actual.loss, expected.loss)
+        torch.testing.assert_close(encoder(images).last_hidden_state, model.hivit(images).last_hidden_state)
