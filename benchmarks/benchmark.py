@@ -16,8 +16,8 @@ machine noise falls on all alike, and prints a markdown table:
   trimmed first, so that every tensor buffer is mapped when allocated and unmapped when freed and the figure
   follows live tensors, not the allocator's caches;
 - achieved TFLOP/s from FLOPs counted by `torch.utils.flop_counter.FlopCounterMode`, as a fraction of the
-  device's dense peak on a GPU, and on the CPU as a fraction of a large square matmul measured in the same run (the
-  practical roofline).
+  device's dense peak on a GPU, and on the CPU as a fraction of a large square matmul timed between the contenders
+  in the same run (the median; the practical roofline).
 
 Ratios (this project / peer) are the headline. `--profile` writes a profiler trace of this project's step and
 prints the top operators.
@@ -166,12 +166,11 @@ def count_flops(function) -> int:
     return counter.get_total_flops()
 
 
-def matmul_roofline(device, dtype, size: int = 2048) -> float:
-    """FLOP/s of a large square matmul: the practical peak of this device."""
+def matmul_roofline(device, dtype, size: int = 2048):
+    """A timed call of a large square matmul, the practical peak of this device, and its FLOPs."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = min(time_call(lambda: a @ b, device, 5) for _ in range(3))
-    return 2 * size**3 / seconds
+    return (lambda: a @ b), 2 * size**3
 
 
 def peak_memory(argv: list[str], name: str, mode: str) -> int:
@@ -265,6 +264,9 @@ def main(argv=None):
             flops[contender.name, mode] = count_flops(function) / args.batch_size
             contender.model.zero_grad(set_to_none=True)
     throughput = {(c.name, mode): [] for c in contenders for mode in ("step", "extract")}
+    matmul, matmul_flops = matmul_roofline(device, DTYPES[args.dtype])
+    matmul()
+    roofline = []  # timed between the contenders too, so that it sees the same machine noise
     for repeat in range(args.repeats):
         order = contenders[repeat % len(contenders) :] + contenders[: repeat % len(contenders)]
         for contender in order:
@@ -272,6 +274,7 @@ def main(argv=None):
                 seconds = time_call(function, device, args.iterations)
                 throughput[contender.name, mode].append(args.batch_size / seconds)
             contender.model.zero_grad(set_to_none=True)
+            roofline.append(matmul_flops / time_call(matmul, device, 3))
     memory = {}
     if not args.no_memory:
         memory = {(c.name, m): peak_memory(argv, c.name, m) for c in contenders for m in ("step", "extract")}
@@ -282,7 +285,7 @@ def main(argv=None):
         peak_label = f"{name} dense {args.dtype} peak"
     else:
         name = f"CPU ({torch.get_num_threads()} threads)"
-        peak = matmul_roofline(device, DTYPES[args.dtype])
+        peak = statistics.median(roofline)
         peak_label = f"2048^3 matmul in this run ({peak / 1e12:.3f} TFLOP/s)"
     print(
         f"\n{name}, {args.arch}, batch {args.batch_size}, {args.image_size}px, {args.dtype}"
