@@ -89,7 +89,8 @@ def test_initialisation_matches_mmpretrain():
     assert set(actual) == set(expected)
     for key, value in expected.items():
         ours = actual[key]
-        if "pos_embed" in key or "position_embeddings" in key or "norm" in key:
+        # Fixed tables, LayerNorms and zero biases are exact; the random tensors must share their distribution.
+        if "pos_embed" in key or "position_embeddings" in key or "norm" in key or not value.any():
             assert torch.equal(ours, value), key
         elif value.numel() > 1000:
             for statistic in (torch.std, torch.mean):
