@@ -7,10 +7,14 @@ import torch
 MMPRETRAIN_ARCHS = ("tiny", "small", "base", "large")
 
 
-def build_mmpretrain_mae(arch="tiny", img_size=224, seed=0, perturb=True, **backbone_kwargs):
+def build_mmpretrain_mae(
+    arch="tiny", img_size=224, seed=0, perturb=True, decoder_dim=512, decoder_depth=6, **backbone_kwargs
+):
     """mmpretrain's `MAE` with `MAEHiViT`, `MAEPretrainDecoder` and `MAEPretrainHead` as its MAE-HiViT config
-    builds it, initialised by its own `init_weights`, then (``perturb``) every tensor moved away from its init
-    value so that no parity check can pass on structurally equal initialisations."""
+    builds it (``arch``: one of mmpretrain's names, or a dict of `embed_dims`, `depths`, `num_heads`; the decoder
+    is mmpretrain's MAE-HiViT one unless ``decoder_dim`` / ``decoder_depth`` say otherwise), initialised by its own
+    `init_weights`, then (``perturb``) every tensor moved away from its init value so that no parity check can pass
+    on structurally equal initialisations."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from mmengine.logging import MMLogger
@@ -21,11 +25,19 @@ def build_mmpretrain_mae(arch="tiny", img_size=224, seed=0, perturb=True, **back
         MMLogger.get_current_instance().setLevel("ERROR")
     from configuration_hivit_mae import HIVIT_ARCHS
 
-    hidden = HIVIT_ARCHS[arch]["hidden_size"]
+    hidden = arch["embed_dims"] if isinstance(arch, dict) else HIVIT_ARCHS[arch]["hidden_size"]
+    depths = arch["depths"] if isinstance(arch, dict) else HIVIT_ARCHS[arch]["depths"]
     cfg = dict(
         type="MAE",
         backbone=dict(
-            type="MAEHiViT", patch_size=16, arch=arch, mask_ratio=0.75, img_size=img_size, **backbone_kwargs
+            type="MAEHiViT",
+            patch_size=16,
+            arch=arch,
+            mask_ratio=0.75,
+            img_size=img_size,
+            # Given explicitly: mmpretrain writes into its mutable default list.
+            out_indices=[depths[-1] - 1],
+            **backbone_kwargs,
         ),
         neck=dict(
             type="MAEPretrainDecoder",
@@ -33,8 +45,8 @@ def build_mmpretrain_mae(arch="tiny", img_size=224, seed=0, perturb=True, **back
             patch_size=16,
             in_chans=3,
             embed_dim=hidden,
-            decoder_embed_dim=512,
-            decoder_depth=6,
+            decoder_embed_dim=decoder_dim,
+            decoder_depth=decoder_depth,
             decoder_num_heads=16,
             mlp_ratio=4.0,
         ),

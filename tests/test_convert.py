@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,52 +25,11 @@ SMALL = dict(embed_dims=128, depths=[1, 1, 2], num_heads=2, img_size=64, decoder
 
 
 def build_small_mmpretrain_mae(seed=0):
-    """mmpretrain's MAE (`MAEHiViT` + `MAEPretrainDecoder` + `MAEPretrainHead`) at the `SMALL` size, every tensor
-    moved away from its initial value."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from mmpretrain.registry import MODELS
-        from mmpretrain.utils import register_all_modules
-
-        register_all_modules()
-    size = SMALL["img_size"]
-    cfg = dict(
-        type="MAE",
-        backbone=dict(
-            type="MAEHiViT",
-            arch={key: SMALL[key] for key in ("embed_dims", "depths", "num_heads")},
-            img_size=size,
-            patch_size=16,
-            out_indices=[SMALL["depths"][-1] - 1],
-        ),
-        neck=dict(
-            type="MAEPretrainDecoder",
-            num_patches=(size // 16) ** 2,
-            patch_size=16,
-            in_chans=3,
-            embed_dim=SMALL["embed_dims"],
-            decoder_embed_dim=SMALL["decoder_dim"],
-            decoder_depth=SMALL["decoder_depth"],
-            decoder_num_heads=16,
-        ),
-        head=dict(
-            type="MAEPretrainHead",
-            norm_pix=True,
-            patch_size=16,
-            loss=dict(type="PixelReconstructionLoss", criterion="L2"),
-        ),
+    """mmpretrain's MAE at the `SMALL` size, every tensor moved away from its initial value."""
+    arch = {key: SMALL[key] for key in ("embed_dims", "depths", "num_heads")}
+    return build_mmpretrain_mae(
+        arch, SMALL["img_size"], seed, decoder_dim=SMALL["decoder_dim"], decoder_depth=SMALL["decoder_depth"]
     )
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.init_weights()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for tensor in model.state_dict(keep_vars=True).values():
-            if tensor.is_floating_point():
-                tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
