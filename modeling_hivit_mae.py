@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 
 try:  # transformers >= 5: these skip tensors that `from_pretrained` has already loaded
@@ -849,7 +850,71 @@ class HiViTMAEForPreTraining(HiViTMAEPreTrainedModel):
         return result if return_dict else result.to_tuple()
 
 
+class HiViTMAEForImageClassification(HiViTMAEPreTrainedModel):
+    """HiViT encoder + average pooling of the main-stage tokens + a linear classifier, as mmpretrain's HiViT
+    classification configs (`GlobalAveragePooling` neck, `LinearClsHead`) fine-tune it. Loads its encoder from any
+    HiViT-MAE folder; the classifier starts at truncated normal(0.02) weights and zero bias. It never masks."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+
+    def __init__(self, config: HiViTMAEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.hivit = HiViTMAEModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[tuple, ImageClassifierOutput]:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images; height and width must be multiples of `config.patch_size`.
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices for a cross-entropy loss (`config.problem_type` `"single_label_classification"`), or
+                float targets for `"regression"` / `"multi_label_classification"`; inferred as in transformers'
+                image classifiers when unset.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.hivit(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.last_hidden_state.mean(dim=1))
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.config.problem_type is None:
+                if self.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            if self.config.problem_type == "regression":
+                loss = F.mse_loss(logits.squeeze(-1), labels.squeeze(-1).to(logits.dtype))
+            elif self.config.problem_type == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+        result = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return result if return_dict else result.to_tuple()
+
+
 HiViTMAEModel.register_for_auto_class("AutoModel")
 HiViTMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+HiViTMAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
-__all__ = ["HiViTMAEPreTrainedModel", "HiViTMAEModel", "HiViTMAEForPreTraining"]
+__all__ = ["HiViTMAEPreTrainedModel", "HiViTMAEModel", "HiViTMAEForPreTraining", "HiViTMAEForImageClassification"]

@@ -13,6 +13,7 @@ import torch
 from configuration_hivit_mae import HiViTMAEConfig
 from modeling_hivit_mae import (
     HiViTMAEEncoder,
+    HiViTMAEForImageClassification,
     HiViTMAEForPreTraining,
     HiViTMAEModel,
     interpolate_pos_encoding,
@@ -456,3 +457,55 @@ def test_compiles_without_graph_breaks(config, images):
             torch.testing.assert_close(actual.logits, expected.logits)
             torch.testing.assert_close(actual.loss, expected.loss)
         torch.testing.assert_close(encoder(images).last_hidden_state, model.hivit(images).last_hidden_state)
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+def test_image_classification_head(tmp_path, make_config, images):
+    pretraining = HiViTMAEForPreTraining(make_config())
+    pretraining.save_pretrained(tmp_path / "pretrained")
+    model = HiViTMAEForImageClassification.from_pretrained(tmp_path / "pretrained", num_labels=3).eval()
+    for name, value in pretraining.hivit.state_dict().items():
+        assert torch.equal(model.hivit.state_dict()[name], value), name
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        outputs = model(images, labels=labels)
+        pooled = pretraining.hivit.eval()(images).last_hidden_state.mean(dim=1)
+    expected = pooled @ model.classifier.weight.T + model.classifier.bias
+    torch.testing.assert_close(outputs.logits, expected)
+    torch.testing.assert_close(outputs.loss, -torch.log_softmax(expected, -1)[[0, 1], labels].mean())
+
+    # Multi-label and regression targets follow transformers' problem types.
+    multi = HiViTMAEForImageClassification(make_config(num_labels=3))
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    logits = multi(images).logits
+    torch.testing.assert_close(
+        multi(images, labels=targets).loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    )
+    regression = HiViTMAEForImageClassification(make_config(num_labels=1))
+    values = torch.tensor([0.5, -1.0])
+    assert torch.allclose(
+        regression(images, labels=values).loss, ((regression(images).logits[:, 0] - values) ** 2).mean()
+    )
+
+    model.save_pretrained(tmp_path / "classifier")
+    auto_map = json.loads((tmp_path / "classifier" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageClassification"] == "modeling_hivit_mae.HiViTMAEForImageClassification"
+
+
+def test_fine_tuning_learns(make_config, images):
+    """A few optimiser steps fit two labelled images: the head and the encoder train."""
+    torch.manual_seed(0)
+    model = HiViTMAEForImageClassification(make_config(num_labels=2)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    labels = torch.tensor([0, 1])
+    losses = []
+    for _ in range(15):
+        loss = model(images, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.hivit.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0
