@@ -99,7 +99,9 @@ def build_contenders(args) -> list[Contender]:
         ours.load_state_dict(convert_state_dict(reference.state_dict(), config)[0])
         ours.to(device).train()
         reference.to(device).train()
+        # The encoder is compiled on its own for extraction: `compiled.hivit` would reach the eager submodule.
         compiled = torch.compile(ours) if args.compile else ours
+        compiled_encoder = torch.compile(ours.hivit) if args.compile else ours.hivit
 
         def ours_step():
             with autocast():
@@ -108,7 +110,7 @@ def build_contenders(args) -> list[Contender]:
 
         def ours_extract():
             with torch.no_grad(), autocast():
-                compiled.hivit(images)
+                compiled_encoder(images)
 
         def reference_step():
             with autocast():
