@@ -853,7 +853,8 @@ class HiViTMAEForPreTraining(HiViTMAEPreTrainedModel):
 class HiViTMAEForImageClassification(HiViTMAEPreTrainedModel):
     """HiViT encoder + average pooling of the main-stage tokens + a linear classifier, as mmpretrain's HiViT
     classification configs (`GlobalAveragePooling` neck, `LinearClsHead`) fine-tune it. Loads its encoder from any
-    HiViT-MAE folder; the classifier starts at truncated normal(0.02) weights and zero bias. It never masks."""
+    HiViT-MAE folder; the classifier starts at truncated normal(0.02) weights and zero bias. It never masks. Unlike
+    in pre-training, the absolute position table is trained, as mmpretrain's `HiViT` (not `MAEHiViT`) does."""
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
@@ -861,6 +862,8 @@ class HiViTMAEForImageClassification(HiViTMAEPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.hivit = HiViTMAEModel(config)
+        if self.hivit.position_embeddings is not None:
+            self.hivit.position_embeddings.requires_grad_(True)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 

@@ -468,6 +468,9 @@ def test_image_classification_head(tmp_path, make_config, images):
     model = HiViTMAEForImageClassification.from_pretrained(tmp_path / "pretrained", num_labels=3).eval()
     for name, value in pretraining.hivit.state_dict().items():
         assert torch.equal(model.hivit.state_dict()[name], value), name
+    # Fine-tuning trains the absolute position table that pre-training keeps fixed (see test_parity).
+    assert model.hivit.position_embeddings.requires_grad
+    assert not pretraining.hivit.position_embeddings.requires_grad
     labels = torch.tensor([0, 2])
     with torch.no_grad():
         outputs = model(images, labels=labels)
