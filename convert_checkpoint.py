@@ -207,6 +207,12 @@ def _infer_config(state_dict: dict, arch: Optional[str], overrides: dict) -> HiV
         table = state_dict[first_main + "attn.relative_position_bias_table"]
         config["num_attention_heads"] = table.shape[1]
         config["image_size"] = (math.isqrt(table.shape[0]) + 1) // 2 * config["patch_size"]
+    if "head.fc.weight" in state_dict:
+        if state_dict["head.fc.weight"].shape[1] != hidden_size:
+            raise CheckpointError(
+                f"head.fc takes {state_dict['head.fc.weight'].shape[1]} features but the encoder gives {hidden_size}"
+            )
+        config["num_labels"] = state_dict["head.fc.weight"].shape[0]
     if "neck.decoder_embed.weight" in state_dict:
         width = state_dict["neck.decoder_embed.weight"].shape[0]
         decoder_layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"neck\.decoder_blocks\.(\d+)\.", k))}
@@ -261,6 +267,7 @@ _FIXED_KEYS = {
     "neck.decoder_pos_embed": "decoder.decoder_pos_embed",
     "neck.ln1": "decoder.decoder_norm",
     "neck.decoder_pred": "decoder.decoder_pred",
+    "head.fc": "classifier",
 }
 
 
@@ -283,7 +290,8 @@ def _block_targets(config: HiViTMAEConfig) -> list:
 
 
 def convert_state_dict(state_dict: dict, config: HiViTMAEConfig) -> tuple[dict, list]:
-    """Map mmpretrain MAE-HiViT weights to `HiViTMAEForPreTraining` keys.
+    """Map mmpretrain MAE-HiViT (or HiViT classifier) weights to `HiViTMAEForPreTraining`
+    (`HiViTMAEForImageClassification`) keys.
 
     Returns the converted weights and the source keys that map nowhere. Relative position indices (buffers that
     mmpretrain stores) are checked against the ones this model computes and dropped.
@@ -312,9 +320,14 @@ def convert_state_dict(state_dict: dict, config: HiViTMAEConfig) -> tuple[dict, 
     return converted, unused
 
 
-def is_encoder_only(state_dict: dict) -> bool:
-    """Whether mmpretrain weights hold the encoder alone (no `neck.` decoder weights)."""
-    return not any(key.startswith("neck.") for key in state_dict)
+def checkpoint_kind(state_dict: dict) -> str:
+    """What mmpretrain weights hold: `"pretraining"` (a whole MAE: `neck.` decoder weights), `"classification"` (an
+    `ImageClassifier` with a `LinearClsHead`: `head.fc` weights) or `"encoder"` (the backbone alone)."""
+    has_decoder = any(key.startswith("neck.") for key in state_dict)
+    has_classifier = any(key.startswith("head.fc.") for key in state_dict)
+    if has_decoder and has_classifier:
+        raise CheckpointError("the checkpoint holds both an MAE decoder (neck.) and a classification head (head.fc)")
+    return "pretraining" if has_decoder else "classification" if has_classifier else "encoder"
 
 
 def check_weights(converted: dict, model: torch.nn.Module):
@@ -340,18 +353,30 @@ def check_weights(converted: dict, model: torch.nn.Module):
         )
 
 
-def _model_class(encoder_only: bool):
-    from modeling_hivit_mae import HiViTMAEForPreTraining, HiViTMAEModel
+def _model_class(kind: str):
+    import modeling_hivit_mae
 
-    return HiViTMAEModel if encoder_only else HiViTMAEForPreTraining
+    names = {
+        "pretraining": "HiViTMAEForPreTraining",
+        "encoder": "HiViTMAEModel",
+        "classification": "HiViTMAEForImageClassification",
+    }
+    return getattr(modeling_hivit_mae, names[kind])
 
 
-def build_model(config: HiViTMAEConfig, converted: dict, encoder_only: bool) -> torch.nn.Module:
-    """`HiViTMAEModel` (encoder-only weights) or `HiViTMAEForPreTraining` holding exactly the `converted` weights
-    (keys as `convert_state_dict` names them)."""
-    if encoder_only:
-        converted = {key.removeprefix("hivit."): value for key, value in converted.items()}
-    model = _model_class(encoder_only)(config)
+def _for_model(converted: dict, kind: str) -> dict:
+    """`convert_state_dict`'s keys as the model of `kind` names them (the bare encoder has no `hivit.` prefix)."""
+    if kind == "encoder":
+        return {key.removeprefix("hivit."): value for key, value in converted.items()}
+    return converted
+
+
+def build_model(config: HiViTMAEConfig, converted: dict, kind: str) -> torch.nn.Module:
+    """The model for a `checkpoint_kind` (`HiViTMAEForPreTraining`, `HiViTMAEModel` or
+    `HiViTMAEForImageClassification`) holding exactly the `converted` weights (keys as `convert_state_dict` names
+    them)."""
+    converted = _for_model(converted, kind)
+    model = _model_class(kind)(config)
     check_weights(converted, model)
     model.load_state_dict(converted, strict=True)
     return model.eval()
@@ -365,14 +390,13 @@ def _random_inputs(config: HiViTMAEConfig, batch_size: int, seed: int):
     return images, noise
 
 
-def verify_folder(folder: Path, expected: dict, config: HiViTMAEConfig, encoder_only: bool, dtype: torch.dtype) -> int:
+def verify_folder(folder: Path, expected: dict, config: HiViTMAEConfig, kind: str, dtype: torch.dtype) -> int:
     """Reload `folder` and check every tensor bit for bit against `expected` (the converted source weights cast to
     `dtype`) and that a forward pass is finite. Returns the number of tensors checked."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = _model_class(encoder_only).from_pretrained(folder, dtype=dtype)
-    if encoder_only:
-        expected = {key.removeprefix("hivit."): value for key, value in expected.items()}
+        model = _model_class(kind).from_pretrained(folder, dtype=dtype)
+    expected = _for_model(expected, kind)
     reloaded = model.state_dict()
     if set(reloaded) != set(expected):
         diff = sorted(set(reloaded) ^ set(expected))
@@ -383,15 +407,19 @@ def verify_folder(folder: Path, expected: dict, config: HiViTMAEConfig, encoder_
             raise CheckpointError(f"the written folder's {key} differs from the source checkpoint's")
     images, noise = _random_inputs(config, 1, seed=0)
     with torch.no_grad():
-        outputs = model.float()(images, mask=True, noise=noise)
+        if kind == "classification":
+            outputs = model.float()(images)
+        else:
+            outputs = model.float()(images, mask=True, noise=noise)
     for name, value in outputs.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"a forward pass of the converted model gives non-finite {name}")
     return len(expected)
 
 
-def mmpretrain_config(config: HiViTMAEConfig, encoder_only: bool = False) -> dict:
-    """mmpretrain config dict of the MAE-HiViT (or its `MAEHiViT` backbone alone) that `config` describes."""
+def mmpretrain_config(config: HiViTMAEConfig, kind: str = "pretraining") -> dict:
+    """mmpretrain config dict of the model that `config` describes: the MAE-HiViT (`kind="pretraining"`), its
+    `MAEHiViT` backbone alone (`"encoder"`) or a HiViT `ImageClassifier` (`"classification"`)."""
     unsupported = {
         "num_channels": 3,
         "stem_mlp_ratio": 3.0,
@@ -409,7 +437,7 @@ def mmpretrain_config(config: HiViTMAEConfig, encoder_only: bool = False) -> dic
             )
     norm = dict(type="LN", eps=config.layer_norm_eps)
     backbone = dict(
-        type="MAEHiViT",
+        type="HiViT" if kind == "classification" else "MAEHiViT",
         arch=dict(embed_dims=config.hidden_size, depths=list(config.depths), num_heads=config.num_attention_heads),
         img_size=config.image_size,
         patch_size=config.patch_size,
@@ -419,13 +447,19 @@ def mmpretrain_config(config: HiViTMAEConfig, encoder_only: bool = False) -> dic
         ape=config.use_absolute_position_embeddings,
         rpe=config.use_relative_position_bias,
         layer_scale_init_value=config.layer_scale_init_value,
-        mask_ratio=config.mask_ratio,
     )
-    if encoder_only:
-        return backbone
+    if kind == "encoder":
+        return dict(backbone, mask_ratio=config.mask_ratio)
+    if kind == "classification":
+        return dict(
+            type="ImageClassifier",
+            backbone=backbone,
+            neck=dict(type="GlobalAveragePooling"),
+            head=dict(type="LinearClsHead", num_classes=config.num_labels, in_channels=config.hidden_size),
+        )
     return dict(
         type="MAE",
-        backbone=backbone,
+        backbone=dict(backbone, mask_ratio=config.mask_ratio),
         neck=dict(
             type="MAEPretrainDecoder",
             num_patches=config.num_patches,
@@ -447,14 +481,13 @@ def mmpretrain_config(config: HiViTMAEConfig, encoder_only: bool = False) -> dic
     )
 
 
-def verify_against_mmpretrain(
-    state_dict: dict, model: torch.nn.Module, config: HiViTMAEConfig, encoder_only: bool
-) -> dict:
+def verify_against_mmpretrain(state_dict: dict, model: torch.nn.Module, config: HiViTMAEConfig, kind: str) -> dict:
     """Build mmpretrain's model from the same source weights, run it and `model` (float32) on the same random images
     with the same mask, and return the largest absolute differences by output; raises `CheckpointError` above 1e-4.
 
     Compares the masked encoder features and, for a full MAE, the decoder's pixel predictions and the loss; the
-    unmasked features too where mmpretrain's `HiViT.out_indices` bookkeeping allows (all four mmpretrain sizes).
+    unmasked features too where mmpretrain's `HiViT.out_indices` bookkeeping allows (all four mmpretrain sizes). A
+    classifier is compared on its unmasked features and its logits.
     """
     from modeling_hivit_mae import random_masking
 
@@ -469,43 +502,56 @@ def verify_against_mmpretrain(
             MMLogger.get_current_instance().setLevel("ERROR")
     except ImportError as error:
         raise CheckpointError(f"--verify-against-mmpretrain needs mmpretrain installed ({error})") from None
+    # mmpretrain's `HiViT.out_indices` counts the stem's blocks too: its unmasked forward only works when the last
+    # main block's index lies past them.
+    num_stem_blocks = 2 * sum(config.depths[:-1]) + len(config.depths) - 1
+    unmasked_runs = config.depths[-1] - 1 >= num_stem_blocks
+    if kind == "classification" and not unmasked_runs:
+        raise CheckpointError(
+            f"--verify-against-mmpretrain: mmpretrain's HiViT cannot run depths {config.depths} unmasked (its "
+            f"out_indices needs more than {num_stem_blocks} main blocks)"
+        )
     source = _strip_prefixes(state_dict)
-    if encoder_only:
+    if kind == "encoder":
         source = {key.removeprefix("backbone."): value for key, value in source.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = MODELS.build(mmpretrain_config(config, encoder_only))
+        reference = MODELS.build(mmpretrain_config(config, kind))
     reference.eval()  # not chained: mmpretrain's `HiViT.train` returns None
     missing, _ = reference.load_state_dict(source, strict=False)
     missing = [key for key in missing if not key.endswith("relative_position_index")]
     if missing:
         raise CheckpointError(f"mmpretrain's model needs weights the checkpoint lacks: {', '.join(missing[:5])}")
-    backbone = reference if encoder_only else reference.backbone
+    backbone = reference if kind == "encoder" else reference.backbone
 
     images, noise = _random_inputs(config, 2, seed=0)
 
     def masking_id(batch_size, mask_ratio):
         return random_masking(noise, int(noise.shape[1] * (1 - mask_ratio)))
 
-    backbone.masking_id = masking_id
     ours = model.float().eval()
-    encoder = ours if encoder_only else ours.hivit
+    encoder = ours if kind == "encoder" else ours.hivit
     diffs = {}
     with torch.no_grad():
-        latent, mask, ids_restore = backbone(images)
-        features = encoder(images, mask=True, noise=noise)
-        diffs["masked encoder features"] = (latent - features.last_hidden_state).abs().max().item()
-        if not encoder_only:
+        if kind != "classification":
+            backbone.masking_id = masking_id
+            latent, mask, ids_restore = backbone(images)
+            features = encoder(images, mask=True, noise=noise)
+            diffs["masked encoder features"] = (latent - features.last_hidden_state).abs().max().item()
+        if kind == "pretraining":
             pred = reference.neck(latent, ids_restore)
             loss = reference.head.loss(pred, images, mask)
             outputs = ours(images, mask=True, noise=noise)
             diffs["decoder pixel predictions"] = (pred - outputs.logits).abs().max().item()
             diffs["loss"] = (loss - outputs.loss).abs().item()
-        num_stem_blocks = 2 * sum(config.depths[:-1]) + len(config.depths) - 1
-        if config.depths[-1] - 1 >= num_stem_blocks:
-            unmasked = backbone(images, mask=None)[-1].flatten(2).transpose(1, 2)
+        if unmasked_runs:
+            unmasked = backbone(images, mask=None) if kind != "classification" else backbone(images)
+            unmasked = unmasked[-1].flatten(2).transpose(1, 2)
             features = encoder(images, mask=None).last_hidden_state
             diffs["unmasked encoder features"] = (unmasked - features).abs().max().item()
+        if kind == "classification":
+            logits = reference(images, mode="tensor")
+            diffs["classification logits"] = (logits - ours(images).logits).abs().max().item()
     worst = max(diffs, key=diffs.get)
     if not diffs[worst] <= PARITY_TOLERANCE:
         raise CheckpointError(
@@ -558,6 +604,28 @@ def _known_dataset(checkpoint: dict) -> Optional[str]:
     return None
 
 
+def read_labels(checkpoint: dict, labels_file: Optional[Path], num_labels: int) -> Optional[list]:
+    """Class names of a classifier: one per line of `labels_file`, else the `dataset_meta` classes that mmengine
+    stores in a training checkpoint's `meta`, else None. Raises `CheckpointError` when their count is not the
+    head's."""
+    if labels_file is not None:
+        try:
+            names = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"--labels {labels_file}: cannot be read ({error})") from None
+        source = f"--labels {labels_file}"
+    else:
+        meta = checkpoint.get("meta")
+        dataset_meta = meta.get("dataset_meta") if isinstance(meta, collections.abc.Mapping) else None
+        names = dataset_meta.get("classes") if isinstance(dataset_meta, collections.abc.Mapping) else None
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            return None
+        source = "the checkpoint's meta.dataset_meta.classes"
+    if len(names) != num_labels:
+        raise CheckpointError(f"{source} names {len(names)} classes but the classification head has {num_labels}")
+    return list(names)
+
+
 @dataclass
 class ConversionReport:
     """What `convert` did; it also feeds the model card."""
@@ -566,7 +634,7 @@ class ConversionReport:
     sha256: str
     output_dir: Path
     config: HiViTMAEConfig
-    encoder_only: bool
+    kind: str
     dtype: str
     num_parameters: int
     num_tensors_checked: int = 0
@@ -591,31 +659,65 @@ def model_card(report: ConversionReport) -> str:
         ),
         "custom",
     )
+    classifier = report.kind == "classification"
     data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
-        pipeline_tag="image-feature-extraction",
-        tags=["vision", "hivit", "mae", "self-supervised", "masked-image-modeling", "mmpretrain"],
+        pipeline_tag="image-classification" if classifier else "image-feature-extraction",
+        tags=["vision", "hivit", "mmpretrain"]
+        + (["image-classification"] if classifier else ["mae", "self-supervised", "masked-image-modeling"]),
         datasets=[report.dataset] if report.dataset else None,
     )
     model_id = report.model_id or str(report.output_dir)
     grid = config.image_size // config.patch_size
-    if report.encoder_only:
+    if classifier:
+        title = f"HiViT-{arch} image classifier"
+        summary = (
+            'A HiViT ("HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023) '
+            f"image classifier over {config.num_labels} classes, converted from an "
+            "[mmpretrain](https://github.com/open-mmlab/mmpretrain) `ImageClassifier` checkpoint (HiViT backbone, "
+            "global average pooling, linear head), as mmpretrain fine-tunes MAE-pre-trained HiViTs."
+        )
         contents = (
-            "This folder holds the **encoder only** (the source checkpoint has no decoder weights). Load it with "
-            "`HiViTMAEModel` / `AutoModel`; `HiViTMAEForPreTraining` would leave the decoder randomly initialised."
+            "Load it with `HiViTMAEForImageClassification` / `AutoModelForImageClassification`; `AutoModel` / "
+            "`HiViTMAEModel` loads its encoder alone."
+        )
+        usage_class = "AutoModelForImageClassification"
+        usage = (
+            "    logits = model(**inputs).logits  # (batch_size, num_labels)\n"
+            "print(model.config.id2label[logits.argmax(-1).item()])"
         )
     else:
-        contents = (
-            "This folder holds the encoder and the MAE decoder. `AutoModel` / `HiViTMAEModel` loads the encoder for "
-            "features; `AutoModelForPreTraining` / `HiViTMAEForPreTraining` adds the decoder and the pixel "
-            "reconstruction loss (it masks 75% of the patches at random by default)."
+        title = f"HiViT-{arch} MAE ({'encoder' if report.kind == 'encoder' else 'encoder + decoder'})"
+        summary = (
+            'A HiViT ("HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023) '
+            "image encoder pre-trained with masked autoencoding (MAE), converted from an "
+            "[mmpretrain](https://github.com/open-mmlab/mmpretrain) checkpoint. The model was not fine-tuned: use "
+            "its features, or fine-tune it on a downstream task."
+        )
+        if report.kind == "encoder":
+            contents = (
+                "This folder holds the **encoder only** (the source checkpoint has no decoder weights). Load it "
+                "with `HiViTMAEModel` / `AutoModel`; `HiViTMAEForPreTraining` would leave the decoder randomly "
+                "initialised."
+            )
+        else:
+            contents = (
+                "This folder holds the encoder and the MAE decoder. `AutoModel` / `HiViTMAEModel` loads the encoder "
+                "for features; `AutoModelForPreTraining` / `HiViTMAEForPreTraining` adds the decoder and the pixel "
+                "reconstruction loss (it masks 75% of the patches at random by default)."
+            )
+        usage_class = "AutoModel"
+        usage = (
+            f"    features = model(**inputs).last_hidden_state  # (batch_size, {grid**2}, {config.hidden_size})\n"
+            "print(features.shape)"
         )
     if report.parity:
         figures = "\n".join(f"| {name} | {value:.2e} |" for name, value in report.parity.items())
         parity = (
             f"Outputs were compared with mmpretrain {_version('mmpretrain')}'s model built from the same weights, on "
-            f"the same random images and mask, in float32 (tolerance {PARITY_TOLERANCE}):\n\n"
+            f"the same random images{'' if classifier else ' and mask'}, in float32 "
+            f"(tolerance {PARITY_TOLERANCE}):\n\n"
             f"| output | max abs diff |\n|---|---|\n{figures}"
         )
     else:
@@ -628,16 +730,14 @@ def model_card(report: ConversionReport) -> str:
             f"{len(report.unused_keys)} source tensors were left out ({listed}{more}). Reason: {report.unused_reason}"
         )
     body = f"""
-# HiViT-{arch} MAE ({"encoder" if report.encoder_only else "encoder + decoder"})
+# {title}
 
-A HiViT ("HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023) image encoder
-pre-trained with masked autoencoding (MAE), converted from an [mmpretrain](https://github.com/open-mmlab/mmpretrain)
-checkpoint. The model was not fine-tuned: use its features, or fine-tune it on a downstream task.
+{summary}
 
 {contents}
 
 Architecture: hidden size {config.hidden_size}, depths {config.depths}, {config.num_attention_heads} attention heads,
-patch size {config.patch_size}, pre-training image size {config.image_size} ({grid}x{grid} patches),
+patch size {config.patch_size}, image size {config.image_size} ({grid}x{grid} patches),
 {report.num_parameters:,} parameters stored in {report.dtype}.
 
 ## Usage
@@ -647,17 +747,16 @@ The model code ships with the weights, so loading needs `trust_remote_code=True`
 ```python
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, {usage_class}
 
 model_id = {json.dumps(model_id)}
 processor = AutoImageProcessor.from_pretrained(model_id)
-model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()
+model = {usage_class}.from_pretrained(model_id, trust_remote_code=True).eval()
 
 image = Image.new("RGB", (640, 480), (124, 116, 104))  # or Image.open("your_image.jpg")
 inputs = processor(images=image, return_tensors="pt").to(model.dtype)
 with torch.no_grad():
-    features = model(**inputs).last_hidden_state  # (batch_size, {grid * grid}, {config.hidden_size})
-print(features.shape)
+{usage}
 ```
 
 The image processor reproduces mmpretrain's HiViT evaluation preprocessing: resize the short side to
@@ -733,6 +832,7 @@ def convert(
     max_shard_size="5GB",
     dataset: Optional[str] = None,
     model_id: Optional[str] = None,
+    labels_file: Optional[Path] = None,
     total_steps: int = 4,
 ) -> ConversionReport:
     """Convert `checkpoint_path` into the `from_pretrained` folder `output_dir`; see the command-line help.
@@ -749,7 +849,12 @@ def convert(
     sha256 = sha256sum(checkpoint_path)
 
     config = infer_config(state_dict, arch=arch, **(overrides or {}))
-    encoder_only = is_encoder_only(state_dict)
+    kind = checkpoint_kind(_strip_prefixes(state_dict))
+    if kind != "classification" and labels_file is not None:
+        raise CheckpointError("--labels names classes, but the checkpoint has no classification head (head.fc)")
+    if kind == "classification" and (names := read_labels(checkpoint, labels_file, config.num_labels)):
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: index for index, name in config.id2label.items()}
     converted, unused = convert_state_dict(state_dict, config)
     if unused and allow_unused is None:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
@@ -757,14 +862,15 @@ def convert(
             f"{len(unused)} checkpoint tensors map to no weight of HiViT-MAE: {', '.join(unused[:5])}{more} "
             "(pass --allow-unused REASON to leave them out)"
         )
-    model = build_model(config, converted, encoder_only)
+    model = build_model(config, converted, kind)
     num_parameters = sum(parameter.numel() for parameter in model.parameters())
     _progress(
         2,
         total_steps,
         f"mapping: {len(converted)} tensors to {type(model).__name__} (hidden size {config.hidden_size}, depths "
         f"{config.depths}, image size {config.image_size}"
-        + (", encoder only" if encoder_only else "")
+        + (", encoder only" if kind == "encoder" else "")
+        + (f", {config.num_labels} classes" if kind == "classification" else "")
         + (f"; {len(unused)} tensors left out: {', '.join(unused[:5])}" if unused else "")
         + ")",
     )
@@ -779,18 +885,18 @@ def convert(
             file.write("\n")
 
         _progress(4, total_steps, f"verifying {staging}")
-        checked = verify_folder(staging, converted, config, encoder_only, DTYPES[dtype])
+        checked = verify_folder(staging, converted, config, kind, DTYPES[dtype])
         parity = None
         if verify_mmpretrain:  # on the float32 mapping: the stored weights equal it cast to `dtype` (checked above)
             if dtype != "float32":
-                model = build_model(config, converted, encoder_only)
-            parity = verify_against_mmpretrain(state_dict, model, config, encoder_only)
+                model = build_model(config, converted, kind)
+            parity = verify_against_mmpretrain(state_dict, model, config, kind)
         report = ConversionReport(
             source=checkpoint_path,
             sha256=sha256,
             output_dir=output_dir,
             config=config,
-            encoder_only=encoder_only,
+            kind=kind,
             dtype=dtype,
             num_parameters=num_parameters,
             num_tensors_checked=checked,
@@ -840,18 +946,24 @@ examples:
   python convert_checkpoint.py --checkpoint backbone.safetensors --output_dir hivit-enc --num_attention_heads 12 \\
       --overwrite
 
+  # a HiViT classifier fine-tuned with mmpretrain (class names from the checkpoint's meta, else --labels)
+  python convert_checkpoint.py --checkpoint work_dirs/hivit-base_in1k/epoch_100.pth --output_dir hivit-base-in1k \
+      --verify-against-mmpretrain
+
 inputs: mmengine training checkpoints (meta, state_dict, message_hub, optimizer, param_schedulers), published
 checkpoints (meta, state_dict), bare state dicts and .safetensors files, of the whole MAE (backbone./neck./head.
-keys) or of the encoder alone (backbone. keys or none). Pickles are read with torch's weights-only unpickler: no
-pickled code runs, and mmengine need not be installed.
+keys), of the encoder alone (backbone. keys or none) or of an mmpretrain ImageClassifier with a HiViT backbone and
+a LinearClsHead (backbone./head.fc. keys; written as HiViTMAEForImageClassification). Pickles are read with torch's
+weights-only unpickler: no pickled code runs, and mmengine need not be installed.
 """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
-        description="Convert an mmpretrain MAE-HiViT checkpoint into a Hugging Face transformers model folder "
-        "(model.safetensors, config.json, model code, preprocessor_config.json, README.md model card).",
+        description="Convert an mmpretrain MAE-HiViT (or HiViT classifier) checkpoint into a Hugging Face "
+        "transformers model folder (model.safetensors, config.json, model code, preprocessor_config.json, README.md "
+        "model card).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -912,6 +1024,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "stored config says ImageNet, else none)",
     )
     parser.add_argument(
+        "--labels",
+        metavar="FILE",
+        type=Path,
+        help="classifiers: a text file with one class name per line, in class-index order (default: the class names "
+        "an mmengine training checkpoint stores in meta.dataset_meta, else LABEL_0, LABEL_1, ...)",
+    )
+    parser.add_argument(
         "--push_to_hub", metavar="REPO_ID", help="after converting, upload the folder to this Hub repo"
     )
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
@@ -947,6 +1066,7 @@ def main(argv=None) -> int:
             max_shard_size=args.max_shard_size,
             dataset=args.dataset,
             model_id=args.push_to_hub,
+            labels_file=args.labels,
             total_steps=total_steps,
         )
         if args.push_to_hub:
@@ -955,7 +1075,11 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    kind = "encoder only, load with HiViTMAEModel / AutoModel" if report.encoder_only else "encoder + decoder"
+    kind = {
+        "pretraining": "encoder + decoder",
+        "encoder": "encoder only, load with HiViTMAEModel / AutoModel",
+        "classification": f"image classifier, {report.config.num_labels} classes",
+    }[report.kind]
     print(f"done: {report.num_parameters / 1e6:.1f}M parameters ({kind}) written to {report.output_dir}")
     return 0
 

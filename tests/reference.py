@@ -7,14 +7,7 @@ import torch
 MMPRETRAIN_ARCHS = ("tiny", "small", "base", "large")
 
 
-def build_mmpretrain_mae(
-    arch="tiny", img_size=224, seed=0, perturb=True, decoder_dim=512, decoder_depth=6, **backbone_kwargs
-):
-    """mmpretrain's `MAE` with `MAEHiViT`, `MAEPretrainDecoder` and `MAEPretrainHead` as its MAE-HiViT config
-    builds it (``arch``: one of mmpretrain's names, or a dict of `embed_dims`, `depths`, `num_heads`; the decoder
-    is mmpretrain's MAE-HiViT one unless ``decoder_dim`` / ``decoder_depth`` say otherwise), initialised by its own
-    `init_weights`, then (``perturb``) every tensor moved away from its init value so that no parity check can pass
-    on structurally equal initialisations."""
+def _mmpretrain_models():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from mmengine.logging import MMLogger
@@ -23,6 +16,58 @@ def build_mmpretrain_mae(
 
         register_all_modules()
         MMLogger.get_current_instance().setLevel("ERROR")
+    return MODELS
+
+
+def _build(cfg: dict, seed: int, perturb: bool):
+    """Build `cfg`, run mmpretrain's own `init_weights`, then (``perturb``) move every tensor away from its init value
+    so that no parity check can pass on structurally equal initialisations."""
+    models = _mmpretrain_models()
+    torch.manual_seed(seed)
+    model = models.build(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.init_weights()
+    if perturb:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for tensor in model.state_dict(keep_vars=True).values():
+                if tensor.is_floating_point():
+                    tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
+    model.eval()  # not chained: mmpretrain's `HiViT.train` returns None
+    return model
+
+
+def build_mmpretrain_classifier(arch="tiny", img_size=224, num_classes=10, seed=0, perturb=True, **backbone_kwargs):
+    """mmpretrain's HiViT `ImageClassifier` as its `configs/hivit` build it (`HiViT` backbone with absolute and
+    relative position embeddings, `GlobalAveragePooling`, `LinearClsHead`), initialised and perturbed as
+    `build_mmpretrain_mae` does."""
+    from configuration_hivit_mae import HIVIT_ARCHS
+
+    hidden = arch["embed_dims"] if isinstance(arch, dict) else HIVIT_ARCHS[arch]["hidden_size"]
+    depths = arch["depths"] if isinstance(arch, dict) else HIVIT_ARCHS[arch]["depths"]
+    backbone = dict(type="HiViT", arch=arch, img_size=img_size, ape=True, rpe=True, out_indices=[depths[-1] - 1])
+    cfg = dict(
+        type="ImageClassifier",
+        backbone=dict(backbone, **backbone_kwargs),
+        neck=dict(type="GlobalAveragePooling"),
+        head=dict(type="LinearClsHead", num_classes=num_classes, in_channels=hidden, init_cfg=None),
+        init_cfg=[
+            dict(type="TruncNormal", layer="Linear", std=0.02, bias=0.0),
+            dict(type="Constant", layer="LayerNorm", val=1.0, bias=0.0),
+        ],
+    )
+    return _build(cfg, seed, perturb)
+
+
+def build_mmpretrain_mae(
+    arch="tiny", img_size=224, seed=0, perturb=True, decoder_dim=512, decoder_depth=6, **backbone_kwargs
+):
+    """mmpretrain's `MAE` with `MAEHiViT`, `MAEPretrainDecoder` and `MAEPretrainHead` as its MAE-HiViT config
+    builds it (``arch``: one of mmpretrain's names, or a dict of `embed_dims`, `depths`, `num_heads`; the decoder
+    is mmpretrain's MAE-HiViT one unless ``decoder_dim`` / ``decoder_depth`` say otherwise), initialised by its own
+    `init_weights`, then (``perturb``) every tensor moved away from its init value so that no parity check can pass
+    on structurally equal initialisations."""
     from configuration_hivit_mae import HIVIT_ARCHS
 
     hidden = arch["embed_dims"] if isinstance(arch, dict) else HIVIT_ARCHS[arch]["hidden_size"]
@@ -61,18 +106,7 @@ def build_mmpretrain_mae(
             dict(type="Constant", layer="LayerNorm", val=1.0, bias=0.0),
         ],
     )
-    torch.manual_seed(seed)
-    model = MODELS.build(cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.init_weights()
-    if perturb:
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for tensor in model.state_dict(keep_vars=True).values():
-                if tensor.is_floating_point():
-                    tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
-    return model.eval()
+    return _build(cfg, seed, perturb)
 
 
 def fix_masking(mm_model, noise):

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import build_mmpretrain_mae, fix_masking
+from reference import build_mmpretrain_classifier, build_mmpretrain_mae, fix_masking
 from safetensors.torch import save_file
 
 import convert_checkpoint
-from modeling_hivit_mae import HiViTMAEForPreTraining, HiViTMAEModel
+from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining, HiViTMAEModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -470,6 +470,107 @@ def test_model_card_snippet_runs_with_remote_code(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Classifiers fine-tuned with mmpretrain
+
+# mmpretrain's HiViT classifier only runs when the main stage has more blocks than the stem (its `out_indices` counts
+# stem blocks too), hence 7 main blocks here.
+CLASSIFIER = dict(embed_dims=64, depths=[1, 1, 7], num_heads=2)
+CLASSES = ["cat", "dog", "bird", "fish", "frog"]
+
+
+@pytest.fixture(scope="module")
+def small_classifier():
+    return build_mmpretrain_classifier(CLASSIFIER, 64, num_classes=len(CLASSES), seed=5)
+
+
+def save_classifier(path, mm_model, classes=None, **extra):
+    """An mmengine-style checkpoint; mmengine's runner stores the data set's class names in `meta.dataset_meta`."""
+    meta = dict(epoch=100)
+    if classes is not None:
+        meta["dataset_meta"] = dict(classes=tuple(classes))
+    torch.save(dict(meta=meta, state_dict=dict(mm_model.state_dict(), **extra)), path)
+
+
+def test_classifier_checkpoint(tmp_path, capsys, small_classifier):
+    """A fine-tuned mmpretrain `ImageClassifier` becomes an `AutoModelForImageClassification` folder with the class
+    names of its training data set; the folder's logits equal mmpretrain's, and its card's snippet, run as written
+    with remote code, names the class mmpretrain predicts for the same pixels."""
+    path, folder = tmp_path / "epoch_100.pth", tmp_path / "out"
+    save_classifier(path, small_classifier, CLASSES)
+    args = ["--checkpoint", path, "--output_dir", folder, "--verify-against-mmpretrain"]
+    status, out, err = run_main(args, capsys)
+    assert status == 0, err
+    assert "image classifier, 5 classes" in out and "max abs diff vs mmpretrain" in out
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["HiViTMAEForImageClassification"]
+    assert config["id2label"] == {str(index): name for index, name in enumerate(CLASSES)}
+    assert config["auto_map"]["AutoModelForImageClassification"] == (
+        "modeling_hivit_mae.HiViTMAEForImageClassification"
+    )
+
+    model = HiViTMAEForImageClassification.from_pretrained(folder).eval()
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (model(images).logits - small_classifier(images, mode="tensor")).abs().max() < 1e-4
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.pipeline_tag == "image-classification"
+    assert re.search(r"\| classification logits \| [0-9.e+-]+ \|", card.text)
+    code = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    code = (
+        "import sys\nsys.modules['modeling_hivit_mae'] = sys.modules['configuration_hivit_mae'] = None\n"
+        + code
+        + "torch.save(inputs['pixel_values'], 'pixel_values.pt')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=clean_env(tmp_path), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = small_classifier(torch.load(tmp_path / "pixel_values.pt"), mode="tensor").argmax(-1).item()
+    assert result.stdout.strip().splitlines()[-1] == CLASSES[expected]
+
+
+def test_classifier_labels_and_refusals(tmp_path, capsys, small_classifier, small_state_dict):
+    path, folder = tmp_path / "classifier.pth", tmp_path / "out"
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(name.upper() for name in CLASSES) + "\n")
+    # Without class names in the checkpoint: transformers' generic names, or the --labels file.
+    save_classifier(path, small_classifier)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert status == 0, err
+    assert json.loads((folder / "config.json").read_text())["id2label"]["4"] == "LABEL_4"
+    args = ["--checkpoint", path, "--output_dir", folder, "--overwrite", "--labels", labels]
+    status, _, err = run_main(args, capsys)
+    assert status == 0, err
+    assert json.loads((folder / "config.json").read_text())["id2label"]["4"] == "FROG"
+
+    folder = tmp_path / "refused"
+    labels.write_text("one\ntwo\n")
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder, "--labels", labels], capsys)
+    assert_refused(status, err, r"--labels .* names 2 classes but the classification head has 5", folder)
+    save_classifier(path, small_classifier, CLASSES[:3])
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(status, err, r"dataset_meta.classes names 3 classes but the classification head has 5", folder)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder, "--labels", tmp_path / "nope"], capsys)
+    assert_refused(status, err, r"--labels .*nope: cannot be read", folder)
+
+    # A head that does not fit the encoder, a head beside an MAE decoder, labels for a model without a head.
+    wrong_head = {"head.fc.weight": torch.zeros(5, 32), "head.fc.bias": torch.zeros(5)}
+    save_classifier(path, small_classifier, **wrong_head)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(status, err, r"head\.fc takes 32 features but the encoder gives 64", folder)
+    torch.save(dict(small_state_dict, **{"head.fc.weight": torch.zeros(5, 128), "head.fc.bias": torch.zeros(5)}), path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(status, err, r"both an MAE decoder .* and a classification head", folder)
+    torch.save(small_state_dict, path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder, "--labels", labels], capsys)
+    assert_refused(status, err, r"--labels names classes, but the checkpoint has no classification head", folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Publishing and the command line
 
 
@@ -519,7 +620,7 @@ def test_help_explains_every_option(capsys):
     options = [
         "--checkpoint", "--output_dir", "--overwrite", "--arch", "--num_attention_heads",
         "--decoder_num_attention_heads", "--image_size", "--norm_pix_loss", "--dtype", "--allow-unused",
-        "--verify-against-mmpretrain", "--max_shard_size", "--dataset", "--push_to_hub", "--private",
+        "--verify-against-mmpretrain", "--max_shard_size", "--dataset", "--labels", "--push_to_hub", "--private",
         "--commit-message",
     ]  # fmt: skip
     for option in options:

@@ -1,12 +1,13 @@
 """Numerical parity with mmpretrain 1.2.0 (installed in CI): the same weights, images and mask must give the same
-encoder features, decoder logits and loss, for every arch, within 1e-4 in float32."""
+encoder features, decoder logits and loss, for every arch, within 1e-4 in float32; and the same classification
+logits and trainable parameters as mmpretrain's HiViT `ImageClassifier`."""
 
 import pytest
 import torch
-from reference import MMPRETRAIN_ARCHS, build_mmpretrain_mae, fix_masking
+from reference import MMPRETRAIN_ARCHS, build_mmpretrain_classifier, build_mmpretrain_mae, fix_masking
 
 from convert_checkpoint import convert_state_dict, infer_config
-from modeling_hivit_mae import HiViTMAEForPreTraining
+from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining
 
 TOLERANCE = 1e-4
 
@@ -76,6 +77,32 @@ def test_parity_with_relative_position_bias_and_layer_scale():
     fix_masking(reference, noise)
     latent, _, _ = reference.backbone(images)
     assert max_diff(model.hivit(images, mask=True, noise=noise).last_hidden_state, latent) < TOLERANCE
+
+
+def test_classifier_parity_with_mmpretrain():
+    """mmpretrain's HiViT classifier (its `configs/hivit` model: relative and learned absolute position embeddings,
+    average pooling, linear head): the same logits and the same trainable tensors. (mmpretrain's relative position
+    bias only runs at the size it was built for.)"""
+    reference = build_mmpretrain_classifier("tiny", num_classes=7)
+    state_dict = reference.state_dict()
+    config = infer_config(state_dict)
+    converted, unused = convert_state_dict(state_dict, config)
+    assert unused == [] and config.num_labels == 7
+    model = HiViTMAEForImageClassification(config).eval()
+    model.load_state_dict(converted, strict=True)
+
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert max_diff(model(images).logits, reference(images, mode="tensor")) < TOLERANCE
+
+    trainable = {
+        key
+        for name, parameter in reference.named_parameters()
+        if parameter.requires_grad
+        for key in convert_state_dict({name: parameter}, config)[0]
+    }
+    assert trainable == {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert "hivit.position_embeddings" in trainable
 
 
 def test_initialisation_matches_mmpretrain():
