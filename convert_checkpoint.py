@@ -213,6 +213,8 @@ def _infer_config(state_dict: dict, arch: Optional[str], overrides: dict) -> HiV
                 f"head.fc takes {state_dict['head.fc.weight'].shape[1]} features but the encoder gives {hidden_size}"
             )
         config["num_labels"] = state_dict["head.fc.weight"].shape[0]
+        # mmpretrain's `HiViT` (its classifiers' backbone) builds its LayerNorms with eps 1e-5, `MAEHiViT` with 1e-6.
+        config["layer_norm_eps"] = 1e-5
     if "neck.decoder_embed.weight" in state_dict:
         width = state_dict["neck.decoder_embed.weight"].shape[0]
         decoder_layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"neck\.decoder_blocks\.(\d+)\.", k))}
@@ -988,6 +990,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--decoder_num_attention_heads", type=int, help="decoder attention heads (default: 16, as mmpretrain's)"
     )
     parser.add_argument(
+        "--layer_norm_eps",
+        type=float,
+        help="LayerNorm epsilon (weights do not show it; default: mmpretrain's, 1e-6 for MAE-HiViT, 1e-5 for its "
+        "HiViT classifiers)",
+    )
+    parser.add_argument(
         "--image_size",
         type=int,
         help="pre-training image size (default: read off the position tables, else 224)",
@@ -1049,6 +1057,7 @@ def main(argv=None) -> int:
     overrides = {
         "num_attention_heads": args.num_attention_heads,
         "decoder_num_attention_heads": args.decoder_num_attention_heads,
+        "layer_norm_eps": args.layer_norm_eps,
         "image_size": args.image_size,
         "norm_pix_loss": args.norm_pix_loss,
     }

@@ -498,7 +498,8 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
     """The HiViT encoder (mmpretrain's `MAEHiViT`). By default it does not mask: it returns features of every patch,
     deterministically, for feature extraction and fine-tuning."""
 
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    # The encoder loads from pre-training and classifier folders alike, leaving their heads out.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^classifier\."]
 
     def __init__(self, config: HiViTMAEConfig):
         super().__init__(config)

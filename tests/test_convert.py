@@ -512,6 +512,12 @@ def test_classifier_checkpoint(tmp_path, capsys, small_classifier):
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (model(images).logits - small_classifier(images, mode="tensor")).abs().max() < 1e-4
+    # The encoder alone loads from the same folder, quietly leaving the head out.
+    encoder, info = HiViTMAEModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        expected = small_classifier.backbone(images)[-1].flatten(2).transpose(1, 2)
+        assert (encoder.eval()(images).last_hidden_state - expected).abs().max() < 1e-4
 
     from huggingface_hub import ModelCard
 
@@ -619,9 +625,9 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     options = [
         "--checkpoint", "--output_dir", "--overwrite", "--arch", "--num_attention_heads",
-        "--decoder_num_attention_heads", "--image_size", "--norm_pix_loss", "--dtype", "--allow-unused",
-        "--verify-against-mmpretrain", "--max_shard_size", "--dataset", "--labels", "--push_to_hub", "--private",
-        "--commit-message",
+        "--decoder_num_attention_heads", "--layer_norm_eps", "--image_size", "--norm_pix_loss", "--dtype",
+        "--allow-unused", "--verify-against-mmpretrain", "--max_shard_size", "--dataset", "--labels", "--push_to_hub",
+        "--private", "--commit-message",
     ]  # fmt: skip
     for option in options:
         assert option in text
