@@ -572,7 +572,8 @@ CROP_RATIO = 224 / 256
 
 
 def preprocessor_config(image_size: int) -> dict:
-    """`BitImageProcessor` settings reproducing mmpretrain's HiViT evaluation preprocessing at `image_size`."""
+    """`BitImageProcessor` settings reproducing mmpretrain's HiViT evaluation preprocessing at `image_size` (also
+    what `run_pretraining.py` saves beside its weights)."""
     return {
         "image_processor_type": "BitImageProcessor",
         "do_convert_rgb": True,

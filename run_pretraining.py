@@ -36,10 +36,18 @@ import transformers
 from datasets import Dataset, load_dataset
 from PIL import Image
 from torchvision import transforms
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    BitImageProcessor,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
+from convert_checkpoint import preprocessor_config
 from modeling_hivit_mae import HiViTMAEForPreTraining
 from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD, stack_vertically, visualize
 
@@ -576,9 +584,13 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
             output_dir.mkdir(parents=True, exist_ok=True)
             before.save(output_dir / "reconstruction_step0.png", optimize=True)
 
+    # Saved with the weights and every checkpoint, so that `AutoImageProcessor` loads from them for downstream use.
+    settings = preprocessor_config(config.image_size)
+    del settings["image_processor_type"]
     trainer = MAETrainer(
         model=model,
         args=training_args,
+        processing_class=BitImageProcessor(**settings),
         train_dataset=train_dataset,
         data_collator=collate_fn,
         callbacks=[RankSeedCallback(), *(callbacks or [])],

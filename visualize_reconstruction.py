@@ -23,11 +23,11 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from convert_checkpoint import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from modeling_hivit_mae import HiViTMAEForPreTraining  # noqa: E402
 
 # mmpretrain's `SelfSupDataPreprocessor` statistics (ImageNet, 0-255 scale) divided by 255.
-IMAGE_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
-IMAGE_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+IMAGE_MEAN, IMAGE_STD = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 COLUMN_TITLES = ("original", "masked input", "reconstruction", "reconstruction + visible")
 

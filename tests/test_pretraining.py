@@ -175,16 +175,27 @@ def test_few_step_run_learns_and_saves_a_loadable_model(image_dir, tmp_path):
             figure.verify()
     assert summary["figure_loss_after"] < summary["figure_loss_before"]
 
-    # The folder carries the modelling code: loadable with remote code, in a fresh interpreter.
+    # The folder carries the modelling code and the image processor: loadable with remote code, in a fresh
+    # interpreter, and the processor gives model-sized inputs normalised as in training.
     code = (
-        "import sys, torch; from transformers import AutoModelForPreTraining;"
+        "import sys, torch; from PIL import Image;"
+        "from transformers import AutoImageProcessor, AutoModelForPreTraining;"
         f"m = AutoModelForPreTraining.from_pretrained({str(output_dir)!r}, trust_remote_code=True);"
-        "print(type(m).__name__, m.config.image_size, float(m(torch.zeros(1, 3, 32, 32)).loss) >= 0)"
+        f"p = AutoImageProcessor.from_pretrained({str(output_dir)!r});"
+        "x = p(images=Image.new('RGB', (50, 40), (255, 0, 128)), return_tensors='pt')['pixel_values'];"
+        "print(type(m).__name__, m.config.image_size, float(m(x).loss) >= 0, tuple(x.shape));"
+        "torch.save(x, 'pixel_values.pt')"
     )
     loaded = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120, check=True
     )
-    assert loaded.stdout.split() == ["HiViTMAEForPreTraining", "32", "True"]
+    assert loaded.stdout.split() == ["HiViTMAEForPreTraining", "32", "True", "(1,", "3,", "32,", "32)"]
+    # A uniform image normalises as mmpretrain's data preprocessor does: (value - mean) / std on the 0-255 scale.
+    mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    expected = (torch.tensor([255.0, 0.0, 128.0]) - mean) / std
+    pixel_values = torch.load(tmp_path / "pixel_values.pt")
+    torch.testing.assert_close(pixel_values[0, :, 16, 16], expected, atol=1e-5, rtol=0)
+    assert (output_dir / "preprocessor_config.json").is_file()
 
 
 class CrashAfterSave(TrainerCallback):
