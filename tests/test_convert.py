@@ -512,6 +512,18 @@ def test_classifier_checkpoint(tmp_path, capsys, small_classifier):
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (model(images).logits - small_classifier(images, mode="tensor")).abs().max() < 1e-4
+    # The Hub's image-classification pipeline (what its widget runs) gives mmpretrain's prediction.
+    from PIL import Image
+    from transformers import pipeline
+
+    rgb = np.random.RandomState(7).randint(0, 256, (70, 90, 3), dtype=np.uint8)
+    classify = pipeline("image-classification", model=str(folder), trust_remote_code=True)
+    top = classify(Image.fromarray(rgb), top_k=1)[0]
+    with torch.no_grad():
+        pixel_values = classify.image_processor(images=Image.fromarray(rgb), return_tensors="pt")["pixel_values"]
+        probs = small_classifier(pixel_values, mode="tensor").softmax(-1)[0]
+    assert top["label"] == CLASSES[probs.argmax()] and abs(top["score"] - probs.max().item()) < 1e-5
+
     # The encoder alone loads from the same folder, quietly leaving the head out.
     encoder, info = HiViTMAEModel.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
