@@ -648,6 +648,9 @@ class ConversionReport:
     model_id: Optional[str] = None
 
 
+PAPER = '"HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023'
+
+
 def model_card(report: ConversionReport) -> str:
     """README.md of a converted folder: Hub metadata, description, a usage snippet that runs as written, provenance
     and the verification figures."""
@@ -676,8 +679,7 @@ def model_card(report: ConversionReport) -> str:
     if classifier:
         title = f"HiViT-{arch} image classifier"
         summary = (
-            'A HiViT ("HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023) '
-            f"image classifier over {config.num_labels} classes, converted from an "
+            f"A HiViT ({PAPER}) image classifier over {config.num_labels} classes, converted from an "
             "[mmpretrain](https://github.com/open-mmlab/mmpretrain) `ImageClassifier` checkpoint (HiViT backbone, "
             "global average pooling, linear head), as mmpretrain fine-tunes MAE-pre-trained HiViTs."
         )
@@ -693,8 +695,7 @@ def model_card(report: ConversionReport) -> str:
     else:
         title = f"HiViT-{arch} MAE ({'encoder' if report.kind == 'encoder' else 'encoder + decoder'})"
         summary = (
-            'A HiViT ("HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023) '
-            "image encoder pre-trained with masked autoencoding (MAE), converted from an "
+            f"A HiViT ({PAPER}) image encoder pre-trained with masked autoencoding (MAE), converted from an "
             "[mmpretrain](https://github.com/open-mmlab/mmpretrain) checkpoint. The model was not fine-tuned: use "
             "its features, or fine-tune it on a downstream task."
         )
