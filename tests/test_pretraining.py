@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -131,6 +132,37 @@ def test_weight_decay_grouping_follows_mmpretrain(tmp_path):
     by_decay = {group["weight_decay"]: len(group["params"]) for group in optimizer.param_groups}
     assert by_decay == {0.05: len(decay), 0.0: len(no_decay)}
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_weight_decay_against_mmengine():
+    """mmengine's optimizer constructor with mmpretrain's MAE-HiViT `paramwise_cfg` decays the same tensors as we do,
+    except the decoder's LayerNorm weights: its `norm` key matches by name, and the decoder names its norms `ln1` /
+    `ln2`. We exempt every LayerNorm, as the config means to (see the README)."""
+    from mmengine.optim import DefaultOptimWrapperConstructor
+    from reference import build_mmpretrain_mae
+
+    from convert_checkpoint import convert_state_dict, infer_config
+
+    reference = build_mmpretrain_mae("tiny", perturb=False)
+    no_decay_keys = ("norm", "bias", "pos_embed", "mask_token")
+    constructor = DefaultOptimWrapperConstructor(
+        dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.05)),
+        dict(custom_keys={key: dict(decay_mult=0.0) for key in no_decay_keys}),
+    )
+    parameters = {id(parameter): name for name, parameter in reference.named_parameters()}
+    groups = constructor(reference).optimizer.param_groups
+    decayed = {parameters[id(p)] for group in groups if group["weight_decay"] > 0 for p in group["params"]}
+    config = infer_config(reference.state_dict())
+    theirs = {key for name in decayed for key in convert_state_dict({name: torch.zeros(1)}, config)[0]}
+
+    ours = set(run_pretraining.decay_parameter_names(HiViTMAEForPreTraining(config)))
+    decoder_norms = {
+        key
+        for key in theirs - ours
+        if re.fullmatch(r"decoder\.(decoder_layers\.\d+\.norm[12]|decoder_norm)\.weight", key)
+    }
+    assert ours == theirs - decoder_norms
+    assert len(decoder_norms) == 2 * config.decoder_num_hidden_layers + 1
 
 
 def test_config_overrides_parsing():
