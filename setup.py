@@ -16,6 +16,7 @@ setup(
         "modeling_hivit_mae",
         "convert_checkpoint",
         "run_pretraining",
+        "run_classification",
         "visualize_reconstruction",
     ],
     install_requires=[
