@@ -42,7 +42,13 @@ from transformers.trainer_utils import IntervalStrategy
 from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
 from convert_checkpoint import IMAGENET_MEAN, IMAGENET_STD, preprocessor_config
 from modeling_hivit_mae import HiViTMAEForImageClassification
-from run_pretraining import check_image_folder, find_image_column, load_image, parse_config_overrides
+from run_pretraining import (
+    check_image_folder,
+    find_image_column,
+    load_image,
+    parse_config_overrides,
+    scale_learning_rate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -233,22 +239,14 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoot
 
 
 def decay_parameter_names(model: torch.nn.Module) -> list[str]:
-    """The trainable parameters that decay under mmpretrain's HiViT `paramwise_cfg`: not norms, biases, other
-    one-dimensional parameters (`flat_decay_mult=0`), position tables or relative position bias tables."""
+    """The trainable parameters that decay under mmpretrain's HiViT `paramwise_cfg`: the weight matrices (norms,
+    biases and other one-dimensional parameters get `*_decay_mult=0`), less the position and relative position
+    bias tables."""
     no_decay = ("position_embeddings", "relative_position_bias_table")
-    norms = {
-        f"{module_name}.{name}"
-        for module_name, module in model.named_modules()
-        if isinstance(module, torch.nn.LayerNorm)
-        for name, _ in module.named_parameters(recurse=False)
-    }
     return [
         name
         for name, parameter in model.named_parameters()
-        if parameter.requires_grad
-        and parameter.ndim > 1
-        and name not in norms
-        and not any(part in name for part in no_decay)
+        if parameter.requires_grad and parameter.ndim > 1 and not any(part in name for part in no_decay)
     ]
 
 
@@ -332,13 +330,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
     datasets.utils.logging.set_verbosity(logging.WARNING)
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
-    total_batch = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-    )
-    if not any(arg == "--learning_rate" or arg.startswith("--learning_rate=") for arg in user_args):
-        training_args.learning_rate = model_args.base_learning_rate * total_batch / 512
+    total_batch = scale_learning_rate(training_args, user_args, model_args.base_learning_rate, 512)
     set_seed(training_args.seed)
 
     train, validation = load_splits(data_args, model_args.cache_dir)

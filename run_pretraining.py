@@ -409,6 +409,22 @@ class RankSeedCallback(TrainerCallback):
             torch.manual_seed(args.seed + args.process_index)
 
 
+def scale_learning_rate(
+    training_args: TrainingArguments, user_args: list[str], base_learning_rate: float, per_images: int
+) -> int:
+    """Set the learning rate to `base_learning_rate * total batch / per_images`, as mmpretrain's `auto_scale_lr` (and
+    MAE's `blr`) do, unless `user_args` give `--learning_rate`. Returns the total batch: per-device batch x gradient
+    accumulation x processes."""
+    total_batch = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
+    if not any(arg == "--learning_rate" or arg.startswith("--learning_rate=") for arg in user_args):
+        training_args.learning_rate = base_learning_rate * total_batch / per_images
+    return total_batch
+
+
 # ------------------------------------------------------------------------------------------------------- model
 def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
     """`"a=1,b=[1,2],c=gelu"` or `'{"a": 1}'` -> dict; values are parsed as JSON when they can be."""
@@ -521,14 +537,7 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     datasets.utils.logging.set_verbosity(logging.WARNING)
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
-    # Learning rate from the base rate, as mmpretrain's auto_scale_lr / MAE's `blr` do.
-    total_batch = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-    )
-    if not any(arg == "--learning_rate" or arg.startswith("--learning_rate=") for arg in user_args):
-        training_args.learning_rate = model_args.base_learning_rate * total_batch / 256
+    total_batch = scale_learning_rate(training_args, user_args, model_args.base_learning_rate, 256)
     logger.info(
         "Total batch %d, learning rate %.3g, process %d of %d",
         total_batch,
