@@ -47,6 +47,7 @@ from run_pretraining import (
     find_image_column,
     load_image,
     parse_config_overrides,
+    resolve_resume,
     scale_learning_rate,
 )
 
@@ -331,6 +332,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
     total_batch = scale_learning_rate(training_args, user_args, model_args.base_learning_rate, 512)
+    resume = resolve_resume(training_args)
     set_seed(training_args.seed)
 
     train, validation = load_splits(data_args, model_args.cache_dir)
@@ -386,7 +388,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         label_smoothing=model_args.label_smoothing,
         mix=batch_mix(num_labels, model_args.mixup_alpha, model_args.cutmix_alpha),
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)

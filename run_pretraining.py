@@ -409,6 +409,28 @@ class RankSeedCallback(TrainerCallback):
             torch.manual_seed(args.seed + args.process_index)
 
 
+def resolve_resume(training_args: TrainingArguments) -> Optional[str]:
+    """The checkpoint folder to resume from: `--resume_from_checkpoint latest` (or `true` / `last`) means the last
+    one in `--output_dir`; a path must be a folder. Warns when a fresh run starts beside existing checkpoints."""
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "latest", "last"):
+        output_dir = training_args.output_dir
+        resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if resume is None:
+            raise ValueError(
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in "
+                f"{training_args.output_dir}"
+            )
+    elif resume is not None and not Path(resume).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder")
+    elif resume is None and os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
+        logger.warning(
+            "%s already holds checkpoints; this run starts afresh (pass --resume_from_checkpoint latest to continue)",
+            training_args.output_dir,
+        )
+    return resume
+
+
 def scale_learning_rate(
     training_args: TrainingArguments, user_args: list[str], base_learning_rate: float, per_images: int
 ) -> int:
@@ -546,22 +568,7 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         training_args.world_size,
     )
 
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "latest", "last"):
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise ValueError(
-                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in "
-                f"{training_args.output_dir}"
-            )
-    elif resume is not None and not Path(resume).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder")
-    elif resume is None and os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
-        logger.warning(
-            "%s already holds checkpoints; this run starts afresh (pass --resume_from_checkpoint latest to continue)",
-            training_args.output_dir,
-        )
-
+    resume = resolve_resume(training_args)
     set_seed(training_args.seed)
     model = build_model(model_args)
     config = model.config

@@ -186,3 +186,18 @@ def test_hub_style_dataset_and_bad_data(data, tmp_path):
         run_classification.main(run_args(data, tmp_path / "run", "--config_overrides", "image_size=96"))
     with pytest.raises(ValueError, match="--train_dir or --dataset_name"):
         run_classification.main(args_for(three)[:-2])
+
+
+def test_resume_latest(data, tmp_path):
+    """`--resume_from_checkpoint latest` continues from the last checkpoint in the output folder."""
+    output_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        run_classification.main(run_args(data, output_dir, "--resume_from_checkpoint", "latest"))
+    epoch = ["--augment", "False", "--logging_steps", "1", "--save_strategy", "epoch"]
+    run_classification.main(run_args(data, output_dir, "--num_train_epochs", "1", *epoch))
+    assert (output_dir / "checkpoint-2").is_dir()  # 16 images, batch 8
+    run_classification.main(
+        run_args(data, output_dir, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest", *epoch)
+    )
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
