@@ -681,7 +681,7 @@ def model_card(report: ConversionReport) -> str:
         summary = (
             f"A HiViT ({PAPER}) image classifier over {config.num_labels} classes, converted from an "
             "[mmpretrain](https://github.com/open-mmlab/mmpretrain) `ImageClassifier` checkpoint (HiViT backbone, "
-            "global average pooling, linear head), as mmpretrain fine-tunes MAE-pre-trained HiViTs."
+            "global average pooling, linear head)."
         )
         contents = (
             "Load it with `HiViTMAEForImageClassification` / `AutoModelForImageClassification`; `AutoModel` / "
