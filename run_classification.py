@@ -43,6 +43,7 @@ from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
 from convert_checkpoint import IMAGENET_MEAN, IMAGENET_STD, preprocessor_config
 from modeling_hivit_mae import HiViTMAEForImageClassification
 from run_pretraining import (
+    apply_config_overrides,
     check_image_folder,
     find_image_column,
     load_image,
@@ -291,13 +292,9 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HiViTMA
         "drop_path_rate": drop_path_rate,
         **parse_config_overrides(model_args.config_overrides),
     }
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ValueError(f"--config_overrides: HiViTMAEConfig has no field {key!r}")
-        setattr(config, key, value)
+    apply_config_overrides(config, overrides)
     config.num_labels = len(id2label)
     config.id2label, config.label2id = id2label, {name: index for index, name in id2label.items()}
-    config.validate_architecture()
     model, info = HiViTMAEForImageClassification.from_pretrained(
         model_args.model_name_or_path,
         config=config,

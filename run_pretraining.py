@@ -469,6 +469,15 @@ def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
     return overrides
 
 
+def apply_config_overrides(config: HiViTMAEConfig, overrides: dict[str, Any]):
+    """Set `overrides` on a loaded config; unknown fields and invalid architectures raise `ValueError`."""
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"--config_overrides: HiViTMAEConfig has no field {key!r}")
+        setattr(config, key, value)
+    config.validate_architecture()
+
+
 def build_model(model_args: ModelArguments) -> HiViTMAEForPreTraining:
     overrides = parse_config_overrides(model_args.config_overrides)
     if model_args.mask_ratio is not None:
@@ -477,11 +486,7 @@ def build_model(model_args: ModelArguments) -> HiViTMAEForPreTraining:
         overrides["norm_pix_loss"] = model_args.norm_pix_loss
     if model_args.model_name_or_path:
         config = HiViTMAEConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
-        for key, value in overrides.items():
-            if not hasattr(config, key):
-                raise ValueError(f"--config_overrides: HiViTMAEConfig has no field {key!r}")
-            setattr(config, key, value)
-        config.validate_architecture()
+        apply_config_overrides(config, overrides)
         return HiViTMAEForPreTraining.from_pretrained(
             model_args.model_name_or_path, config=config, cache_dir=model_args.cache_dir
         )
