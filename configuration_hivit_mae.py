@@ -25,7 +25,7 @@ class HiViTMAEConfig(PretrainedConfig):
     `MAEPretrainDecoder` neck and `MAEPretrainHead` head). The defaults are mmpretrain's MAE-HiViT-base recipe;
     [`HiViTMAEConfig.from_arch`] gives the other sizes.
 
-    HiViT ("HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023) embeds each
+    HiViT ("HiViT: A Simpler and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023) embeds each
     `patch_size` patch as an `inner_patches x inner_patches` grid of small tokens, runs MLP-only *stem* stages on them
     with patch merging in between, and then a plain ViT *main* stage with one token per patch. Because the stem never
     mixes information across patches, masked patches can be dropped before the stem, exactly as in a ViT-MAE.
@@ -88,18 +88,31 @@ class HiViTMAEConfig(PretrainedConfig):
             MLP hidden width over input width in the decoder layers.
         norm_pix_loss (`bool`, *optional*, defaults to `True`):
             Reconstruct per-patch normalised pixels, as mmpretrain's MAE-HiViT recipe does.
+        use_hifeat (`bool`, *optional*, defaults to `False`):
+            Make the encoder output the original HiViT repository's hierarchical features (`hifeat`): the output of
+            every stem stage (taken before its patch merge, flattened per patch in (inner row, inner column,
+            channel) order) and of the last main-stage layer, concatenated per patch and layer-normalised
+            (`hifeat_layernorm`). That is `(2 ** len(depths) - 1) * hidden_size` channels (7 x 512 = 3584 for base),
+            and the MAE decoder embeds these. The released MAE-HiViT weights of the original repository use it;
+            mmpretrain's `MAEHiViT` does not.
         decoder_first_token_as_cls (`bool`, *optional*, defaults to `True`):
             Reproduce mmpretrain's `MAEPretrainDecoder`, which was written for ViT and assumes a class token in front
             of the visible tokens. HiViT has none, so the first visible token takes the class-token slot (and its
             position embedding, all zeros), the other visible tokens are written one place early in the unshuffled
             sequence, and one extra mask token fills the gap. Weights trained with mmpretrain expect this. `False`
-            gives the textbook MAE decoder: every visible token at its own patch position.
+            gives the textbook MAE decoder of the original HiViT repository: every visible token at its own patch
+            position, and a decoder position table without the class row (`num_patches` rows).
         legacy_position_encoding (`bool`, *optional*, defaults to `True`):
             Reproduce how mmpretrain's `MAEHiViT` encodes positions: the absolute table is resampled (bicubic, with
             DINO's `+0.1` scale-factor trick) whenever the number of tokens differs from the table's, so on the
             masked path even at the pre-training size; and the masked path applies no relative position bias.
-            `False`: the table is resampled only when the patch grid differs, to exactly that grid, and the relative
-            position bias is applied among the visible tokens too.
+            `False`: the table is used as stored (gathered to the visible patches) and resampled only when the patch
+            grid differs, to exactly that grid, and the relative position bias is applied among the visible tokens
+            too, as the original HiViT repository does.
+        use_fc_norm (`bool`, *optional*, defaults to `False`):
+            In [`HiViTMAEForImageClassification`], layer-normalise the pooled features before the classifier (the
+            original repository's `fc_norm`, used by its fine-tuning recipe). mmpretrain's HiViT classifier has no
+            such norm.
 
     Example:
 
@@ -141,8 +154,10 @@ class HiViTMAEConfig(PretrainedConfig):
         decoder_num_attention_heads=16,
         decoder_mlp_ratio=4.0,
         norm_pix_loss=True,
+        use_hifeat=False,
         decoder_first_token_as_cls=True,
         legacy_position_encoding=True,
+        use_fc_norm=False,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -170,8 +185,10 @@ class HiViTMAEConfig(PretrainedConfig):
         self.decoder_num_attention_heads = decoder_num_attention_heads
         self.decoder_mlp_ratio = decoder_mlp_ratio
         self.norm_pix_loss = norm_pix_loss
+        self.use_hifeat = use_hifeat
         self.decoder_first_token_as_cls = decoder_first_token_as_cls
         self.legacy_position_encoding = legacy_position_encoding
+        self.use_fc_norm = use_fc_norm
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self.validate_architecture()
@@ -192,6 +209,14 @@ class HiViTMAEConfig(PretrainedConfig):
     def stage_hidden_sizes(self) -> list[int]:
         """Width of each stage, from the first stem stage to the main stage."""
         return [self.hidden_size // 2 ** (self.num_stages - 1 - i) for i in range(self.num_stages)]
+
+    @property
+    def encoder_output_size(self) -> int:
+        """Channels of the encoder's `last_hidden_state`: `hidden_size`, or with `use_hifeat` the stem stages'
+        flattened outputs (`inner ** 2 * width` each) plus the main stage's, `(2 ** len(depths) - 1) * hidden_size`."""
+        if not self.use_hifeat:
+            return self.hidden_size
+        return (2**self.num_stages - 1) * self.hidden_size
 
     @property
     def num_patches(self) -> int:

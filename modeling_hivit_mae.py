@@ -32,9 +32,10 @@ class HiViTMAEModelOutput(ModelOutput):
     Output of [`HiViTMAEModel`].
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_visible_patches, hidden_size)`):
-            Main-stage features of the visible patches, in the order of `ids_restore`'s shuffle (patch order when
-            nothing is masked). HiViT has no final norm.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_visible_patches, encoder_output_size)`):
+            Features of the visible patches, in the order of `ids_restore`'s shuffle (patch order when nothing is
+            masked): the last main-stage layer's output (HiViT has no final norm), or with `config.use_hifeat` the
+            layer-normalised concatenation of every stage's output (`config.encoder_output_size` channels).
         mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
             1 for masked patches, 0 for visible ones, in patch (raster) order.
         ids_restore (`torch.LongTensor` of shape `(batch_size, num_patches)`):
@@ -461,7 +462,9 @@ class HiViTMAEPreTrainedModel(PreTrainedModel):
                     init.zeros_(linear.bias)
             init.normal_(module.mask_token, std=std)
             table = get_2d_sincos_position_embedding(
-                self.config.image_size // self.config.patch_size, self.config.decoder_hidden_size, add_cls_token=True
+                self.config.image_size // self.config.patch_size,
+                self.config.decoder_hidden_size,
+                add_cls_token=self.config.decoder_first_token_as_cls,
             )
             _copy(module.decoder_pos_embed, table)
 
@@ -499,7 +502,7 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
     deterministically, for feature extraction and fine-tuning."""
 
     # The encoder loads from pre-training and classifier folders alike, leaving their heads out.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^classifier\."]
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^fc_norm\.", r"^classifier\."]
 
     def __init__(self, config: HiViTMAEConfig):
         super().__init__(config)
@@ -518,6 +521,9 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
             )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.encoder = HiViTMAEEncoder(config, rates[sum(stem_blocks) :])
+        self.hifeat_layernorm = (
+            nn.LayerNorm(config.encoder_output_size, eps=config.layer_norm_eps) if config.use_hifeat else None
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> HiViTMAEPatchEmbeddings:
@@ -624,12 +630,14 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
         # The blocks run in this loop rather than in per-stage forwards so that each block's input is released as
         # soon as the block is done (a stage-level call would hold the stage's input, at the stride-4 stage the
         # largest tensor of an inference forward).
-        all_hidden_states, all_attentions = [], []
+        all_hidden_states, all_attentions, stem_outputs = [], [], []
         for stage in self.stem:
             for block in stage.blocks:
                 hidden_states = block(hidden_states)[0]
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
+            if self.hifeat_layernorm is not None:
+                stem_outputs.append(hidden_states.flatten(2))  # (inner row, inner column, channel) per patch
             hidden_states = stage.merge(hidden_states)
         hidden_states = hidden_states.flatten(2)  # the merges leave a 1x1 inner grid
 
@@ -662,6 +670,8 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
                 all_attentions.append(probs)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
+        if self.hifeat_layernorm is not None:
+            hidden_states = self.hifeat_layernorm(torch.cat([*stem_outputs, hidden_states], dim=-1))
 
         reshaped = None
         if output_hidden_states and ids_keep is None:
@@ -694,10 +704,12 @@ class HiViTMAEDecoder(nn.Module):
         super().__init__()
         self.config = config
         width = config.decoder_hidden_size
-        self.decoder_embed = nn.Linear(config.hidden_size, width)
+        self.decoder_embed = nn.Linear(config.encoder_output_size, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        # Fixed sin-cos table with a leading all-zero class-token row, as mmpretrain keeps it.
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, width), requires_grad=False)
+        # Fixed sin-cos table; with `decoder_first_token_as_cls` it has the leading all-zero class-token row that
+        # mmpretrain keeps.
+        num_positions = config.num_patches + int(config.decoder_first_token_as_cls)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_positions, width), requires_grad=False)
         self.decoder_layers = nn.ModuleList(
             [
                 HiViTMAELayer(config, width, config.decoder_num_attention_heads, config.decoder_mlp_ratio)
@@ -714,10 +726,11 @@ class HiViTMAEDecoder(nn.Module):
         batch_size, num_visible, width = hidden_states.shape
         num_patches = ids_restore.shape[1]
         restore_index = ids_restore[:, :, None].expand(-1, -1, width)
+        first_token_as_cls = self.config.decoder_first_token_as_cls
         position_embeddings = interpolate_pos_encoding(
-            self.decoder_pos_embed[:, 1:], grid_size, num_patches, legacy=False
+            self.decoder_pos_embed[:, int(first_token_as_cls) :], grid_size, num_patches, legacy=False
         )
-        if self.config.decoder_first_token_as_cls:
+        if first_token_as_cls:
             # mmpretrain's decoder was written for ViT: it takes token 0 for a class token, which HiViT does not
             # have. The first visible token goes to the class slot, the rest are shifted one place early, and one
             # extra mask token fills the gap; the class slot is dropped from the output.
@@ -732,7 +745,7 @@ class HiViTMAEDecoder(nn.Module):
 
         for layer in self.decoder_layers:
             hidden_states = layer(hidden_states)[0]
-        if self.config.decoder_first_token_as_cls:
+        if first_token_as_cls:
             hidden_states = hidden_states[:, 1:]  # the class slot predicts nothing (the norm works per token)
         return self.decoder_pred(self.decoder_norm(hidden_states))
 
@@ -852,12 +865,14 @@ class HiViTMAEForPreTraining(HiViTMAEPreTrainedModel):
 
 
 class HiViTMAEForImageClassification(HiViTMAEPreTrainedModel):
-    """HiViT encoder + average pooling of the main-stage tokens + a linear classifier, as mmpretrain's HiViT
-    classification configs (`GlobalAveragePooling` neck, `LinearClsHead`) fine-tune it. Loads its encoder from any
-    HiViT-MAE folder; the classifier starts at truncated normal(0.02) weights and zero bias. It never masks. Unlike
-    in pre-training, the absolute position table is trained, as mmpretrain's `HiViT` (not `MAEHiViT`) does."""
+    """HiViT encoder + average pooling of the encoder's tokens + a linear classifier, as mmpretrain's HiViT
+    classification configs (`GlobalAveragePooling` neck, `LinearClsHead`) fine-tune it; with `config.use_fc_norm` a
+    LayerNorm between pooling and classifier, as the original HiViT repository's classifier (`fc_norm`). Loads its
+    encoder from any HiViT-MAE folder; the classifier starts at truncated normal(0.02) weights and zero bias. It never
+    masks. Unlike in pre-training, the absolute position table is trained, as both sources' classifiers do."""
 
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    # A classifier may start from a pre-training folder; the original recipe fine-tunes without `use_hifeat`.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^hivit\.hifeat_layernorm\."]
 
     def __init__(self, config: HiViTMAEConfig):
         super().__init__(config)
@@ -865,7 +880,9 @@ class HiViTMAEForImageClassification(HiViTMAEPreTrainedModel):
         self.hivit = HiViTMAEModel(config)
         if self.hivit.position_embeddings is not None:
             self.hivit.position_embeddings.requires_grad_(True)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        width = config.encoder_output_size
+        self.fc_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if config.use_fc_norm else None
+        self.classifier = nn.Linear(width, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
     def forward(
@@ -892,7 +909,10 @@ class HiViTMAEForImageClassification(HiViTMAEPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        logits = self.classifier(outputs.last_hidden_state.mean(dim=1))
+        pooled = outputs.last_hidden_state.mean(dim=1)
+        if self.fc_norm is not None:
+            pooled = self.fc_norm(pooled)
+        logits = self.classifier(pooled)
 
         loss = None
         if labels is not None:

@@ -295,6 +295,52 @@ def test_position_encoding_on_the_masked_path(make_config, images):
         torch.testing.assert_close(inputs[1], expected, atol=0.1, rtol=0)  # a small shift, not a different table
 
 
+# ----------------------------------------------------------------------------------- original HiViT repository
+
+
+@torch.no_grad()
+def test_hifeat_output_by_hand(make_config, images):
+    """`use_hifeat`: the encoder output is LayerNorm(concat of each stem stage's pre-merge output, flattened per patch
+    row-major, and the last main layer's output), as the original repository's `forward_encoder` builds it."""
+    config = make_config(use_hifeat=True)
+    assert config.encoder_output_size == 16 * 16 + 4 * 32 + 64 == 7 * config.hidden_size
+    model = HiViTMAEModel(config).eval()
+    torch.nn.init.normal_(model.hifeat_layernorm.weight)
+    torch.nn.init.normal_(model.hifeat_layernorm.bias)
+    outputs = model(images, output_hidden_states=True)
+    stem_1, stem_2, last = outputs.hidden_states[0], outputs.hidden_states[1], outputs.hidden_states[-1]
+    assert stem_1.shape == (2, 16, 4, 4, 16) and stem_2.shape == (2, 16, 2, 2, 32)
+    concatenated = torch.cat([stem_1.reshape(2, 16, -1), stem_2.reshape(2, 16, -1), last], dim=-1)
+    norm = model.hifeat_layernorm
+    mean = concatenated.mean(-1, keepdim=True)
+    variance = ((concatenated - mean) ** 2).mean(-1, keepdim=True)
+    expected = (concatenated - mean) / torch.sqrt(variance + config.layer_norm_eps) * norm.weight + norm.bias
+    torch.testing.assert_close(outputs.last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+    # The pre-training model's decoder embeds the 7C-channel features.
+    pretraining = HiViTMAEForPreTraining(config).eval()
+    assert pretraining.decoder.decoder_embed.in_features == 7 * config.hidden_size
+    assert pretraining(images).logits.shape == (2, 16, 16 * 16 * 3)
+
+
+def test_decoder_without_class_slot_has_no_class_row(make_config):
+    """The original decoder's position table has one row per patch; mmpretrain's keeps a leading class row."""
+    with_cls = HiViTMAEForPreTraining(make_config()).decoder.decoder_pos_embed
+    aligned = HiViTMAEForPreTraining(make_config(decoder_first_token_as_cls=False)).decoder.decoder_pos_embed
+    assert with_cls.shape == (1, 17, 32) and aligned.shape == (1, 16, 32)
+    assert torch.equal(with_cls[:, 0], torch.zeros(1, 32))
+    torch.testing.assert_close(aligned, with_cls[:, 1:])  # the same sin-cos rows
+
+
+@torch.no_grad()
+def test_fc_norm_by_hand(make_config, images):
+    model = HiViTMAEForImageClassification(make_config(use_fc_norm=True, num_labels=3)).eval()
+    torch.nn.init.normal_(model.fc_norm.weight)
+    pooled = model.hivit(images).last_hidden_state.mean(dim=1)
+    normed = torch.nn.functional.layer_norm(pooled, (64,), eps=1e-6) * model.fc_norm.weight + model.fc_norm.bias
+    torch.testing.assert_close(model(images).logits, normed @ model.classifier.weight.T + model.classifier.bias)
+    assert HiViTMAEForImageClassification(make_config(num_labels=3)).fc_norm is None
+
+
 def test_interpolate_pos_encoding():
     table = seeded(1, 16, 8)
     assert interpolate_pos_encoding(table, (4, 4), 16, legacy=False) is table
