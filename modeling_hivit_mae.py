@@ -3,8 +3,9 @@
 
 import collections.abc
 import math
+import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 try:  # transformers >= 5: these skip tensors that `from_pretrained` has already loaded
     from transformers import initialization as init
@@ -24,6 +25,8 @@ try:  # relative import when loaded as Hub remote code (a transformers dynamic m
     from .configuration_hivit_mae import HiViTMAEConfig
 except ImportError:  # absolute import when installed as a top-level module
     from configuration_hivit_mae import HiViTMAEConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -420,6 +423,17 @@ def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, to
 
 
 class HiViTMAEPreTrainedModel(PreTrainedModel):
+    """Base class of the HiViT-MAE models: weight initialisation, and a `from_pretrained` that refuses weights that do
+    not fit the config.
+
+    What a folder may lack or hold beyond a model's weights is declared per class with transformers' own attributes:
+    keys matching a pattern of `_keys_to_ignore_on_load_missing` may start newly initialised (a subclass declares its
+    new layers there, e.g. per-level norms of a backbone), keys matching `_keys_to_ignore_on_load_unexpected` may be
+    left out (the decoder when the encoder is loaded alone). Each class declares its own patterns: those of a
+    sub-model (the encoder inside a task model) do not carry over, as in transformers 4 (transformers 5 would merge
+    them, and the encoder's "leave the decoder out" would then hide a decoder of another depth).
+    """
+
     config_class = HiViTMAEConfig
     base_model_prefix = "hivit"
     main_input_name = "pixel_values"
@@ -467,6 +481,120 @@ class HiViTMAEPreTrainedModel(PreTrainedModel):
                 add_cls_token=self.config.decoder_first_token_as_cls,
             )
             _copy(module.decoder_pos_embed, table)
+
+    def post_init(self):
+        super().post_init()
+        # transformers >= 5 adds the sub-models' ignore patterns to this model's (see the class docstring).
+        for name in ("_keys_to_ignore_on_load_missing", "_keys_to_ignore_on_load_unexpected"):
+            setattr(self, name, set(getattr(type(self), name) or ()))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        As [`~PreTrainedModel.from_pretrained`], but a folder whose config (its `config.json`, or the `config` passed)
+        does not describe its weights is an error instead of a model with newly initialised layers: another depth,
+        width, decoder depth, or relative position bias or layer scale switched on or off. The `ValueError` names the
+        weights that are missing, unexpected or of another shape.
+
+        Allowed, besides what the class declares (see [`HiViTMAEPreTrainedModel`]):
+
+        - a *head* (a top-level module besides the encoder `hivit`) that the folder holds no weights for at all starts
+          newly initialised, with a warning: the classifier on an encoder or pre-training folder, the decoder on an
+          encoder-only folder. A head the folder holds only some weights for (another decoder depth) is an error.
+        - weights of another shape only with `ignore_mismatched_sizes=True`, which re-initialises them (a classifier
+          for other classes).
+
+        `output_loading_info=True` returns `(model, loading_info)` as usual; newly initialised heads are listed in
+        its `missing_keys`.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        # Shapes are compared by transformers only when told to ignore mismatches (4.x raises on the first otherwise,
+        # 5.x refers to a logged table); they are judged below, together with missing and unexpected weights.
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+        model._check_loaded_weights(pretrained_model_name_or_path, info, ignore_mismatched_sizes)
+        return (model, info) if output_loading_info else model
+
+    def _check_loaded_weights(self, source, info: dict, ignore_mismatched_sizes: bool):
+        """Raise a `ValueError` for weights in `info` (`from_pretrained`'s loading info) that do not fit this model;
+        warn about heads that start newly initialised."""
+
+        def undeclared(keys, patterns):
+            return {key for key in keys if not any(re.search(pattern, key) for pattern in patterns or ())}
+
+        model_keys = list(self.state_dict())
+        missing = undeclared(info["missing_keys"], self._keys_to_ignore_on_load_missing)
+        unexpected = undeclared(info["unexpected_keys"], self._keys_to_ignore_on_load_unexpected)
+        mismatched = [] if ignore_mismatched_sizes else sorted(info["mismatched_keys"], key=str)
+
+        new_heads = []
+        heads = [] if self.base_model is self else self.named_children()  # the encoder alone has no heads
+        for name, head in heads:
+            head_keys = {f"{name}.{key}" for key in head.state_dict()}
+            if head is not self.base_model and head_keys and head_keys <= missing:
+                missing -= head_keys
+                new_heads.append(name)
+        if not (missing or unexpected or mismatched):
+            for name in new_heads:
+                logger.warning(
+                    f"{type(self).__name__}: {source} holds no `{name}` weights; `{name}` is newly initialised and "
+                    "must be trained before its outputs mean anything."
+                )
+            return
+
+        def under(prefix, keys):
+            return [key for key in keys if key == prefix or key.startswith(prefix + ".")]
+
+        def wholly_missing(prefix):
+            return set(under(prefix, model_keys)) <= missing
+
+        # Loading the encoder alone, transformers 5 reports unexpected keys under the task model's prefix.
+        prefixed_keys = model_keys + [f"{self.base_model_prefix}.{key}" for key in model_keys]
+
+        def not_in_model(prefix):
+            return not under(prefix, prefixed_keys)
+
+        problems = []
+        if missing:
+            problems.append(f"missing from the weights: {_summarise(missing, wholly_missing)}")
+        if unexpected:
+            problems.append(f"in the weights but not in the model: {_summarise(unexpected, not_in_model)}")
+        if mismatched:  # (key, weights' shape, model's shape) in transformers 5, the key alone in 4.x
+            shown = [
+                f"{entry[0]} {tuple(entry[1])} in the weights, {tuple(entry[2])} in the model"
+                if isinstance(entry, tuple)
+                else entry
+                for entry in mismatched
+            ]
+            problems.append(
+                f"of another shape: {', '.join(shown[:3])}{f' and {len(shown) - 3} more' if len(shown) > 3 else ''} "
+                "(ignore_mismatched_sizes=True re-initialises them on purpose, e.g. a classifier for other classes)"
+            )
+        raise ValueError(
+            f"{type(self).__name__}: the weights in {source} do not fit its config; {'; '.join(problems)}. "
+            "config.json (or the config passed to from_pretrained) does not match the weights: load them with the "
+            "config they were saved with"
+        )
+
+
+def _summarise(keys: set[str], whole: Callable[[str], bool]) -> str:
+    """`keys` shortened to the modules they belong to: the shortest dotted prefix of each for which `whole(prefix)`
+    holds (`hivit.encoder.layers.2` for all of that layer's weights), at most six listed."""
+    groups = []
+    for key in sorted(keys):
+        parts = key.split(".")
+        prefixes = (".".join(parts[:end]) for end in range(1, len(parts) + 1))
+        group = next((prefix for prefix in prefixes if whole(prefix)), key)
+        if group not in groups:
+            groups.append(group)
+    more = f" and {len(groups) - 6} more" if len(groups) > 6 else ""
+    return f"{', '.join(groups[:6])}{more} ({len(keys)} tensor{'s' if len(keys) > 1 else ''})"
 
 
 def _copy(parameter: nn.Parameter, value: torch.Tensor):
@@ -754,6 +882,9 @@ class HiViTMAEForPreTraining(HiViTMAEPreTrainedModel):
     """HiViT encoder + MAE decoder + pixel reconstruction loss (mmpretrain's `MAE` with `MAEHiViT`,
     `MAEPretrainDecoder` and `MAEPretrainHead`). By default it masks `config.mask_ratio` of the patches at random."""
 
+    # The encoder of a classifier continues pre-training.
+    _keys_to_ignore_on_load_unexpected = [r"^fc_norm\.", r"^classifier\."]
+
     def __init__(self, config: HiViTMAEConfig):
         super().__init__(config)
         self.hivit = HiViTMAEModel(config)
@@ -873,6 +1004,8 @@ class HiViTMAEForImageClassification(HiViTMAEPreTrainedModel):
 
     # A classifier may start from a pre-training folder; the original recipe fine-tunes without `use_hifeat`.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^hivit\.hifeat_layernorm\."]
+    # mmpretrain's HiViT fine-tuning adds a relative position bias that MAE pre-training does not have.
+    _keys_to_ignore_on_load_missing = [r"\.relative_position_bias_table$"]
 
     def __init__(self, config: HiViTMAEConfig):
         super().__init__(config)

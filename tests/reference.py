@@ -109,15 +109,15 @@ def build_mmpretrain_mae(
     return _build(cfg, seed, perturb)
 
 
-def fix_masking(mm_model, noise):
-    """Make mmpretrain's random masking use ``noise`` (it draws ``torch.rand`` internally)."""
-    from modeling_hivit_mae import random_masking
-
-    backbone = mm_model.backbone
-
-    def masking_id(batch_size, mask_ratio):
-        num_keep = int(noise.shape[1] * (1 - mask_ratio))
-        ids_keep, ids_restore, mask = random_masking(noise, num_keep)
-        return ids_keep, ids_restore, mask
-
-    backbone.masking_id = masking_id
+@torch.no_grad()
+def mmpretrain_masked_encoder(mm_model, images, seed):
+    """mmpretrain's own masked encoder pass, masked by its own `MAEHiViT.masking_id` from a seeded global generator;
+    returns its `(latent, mask, ids_restore)` and the noise it drew. `masking_id` draws `torch.rand(batch_size,
+    num_patches)` before anything else, so the same draw after the same seed reproduces that noise (the mask checks
+    fail if it does not)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        outputs = mm_model.backbone(images)
+        torch.manual_seed(seed)
+        noise = torch.rand(images.shape[0], mm_model.backbone.pos_embed.shape[1])
+    return (*outputs, noise)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ResumeProbe
 from PIL import Image
 
 import run_classification
@@ -188,16 +189,28 @@ def test_hub_style_dataset_and_bad_data(data, tmp_path):
         run_classification.main(args_for(three)[:-2])
 
 
-def test_resume_latest(data, tmp_path):
-    """`--resume_from_checkpoint latest` continues from the last checkpoint in the output folder."""
+def test_resume_latest(data, tmp_path, monkeypatch):
+    """`--resume_from_checkpoint latest` continues from the last checkpoint in the output folder: the resumed process
+    runs only the remaining steps, from the checkpoint's weights and optimizer moments."""
     output_dir = tmp_path / "run"
     with pytest.raises(ValueError, match="no checkpoint in"):
         run_classification.main(run_args(data, output_dir, "--resume_from_checkpoint", "latest"))
     epoch = ["--augment", "False", "--logging_steps", "1", "--save_strategy", "epoch"]
     run_classification.main(run_args(data, output_dir, "--num_train_epochs", "1", *epoch))
     assert (output_dir / "checkpoint-2").is_dir()  # 16 images, batch 8
+
+    probe = ResumeProbe()
+
+    class ProbedTrainer(run_classification.ClassificationTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(probe)
+
+    monkeypatch.setattr(run_classification, "ClassificationTrainer", ProbedTrainer)
     run_classification.main(
         run_args(data, output_dir, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest", *epoch)
     )
+    assert probe.steps == [3, 4]
+    probe.assert_started_from(output_dir / "checkpoint-2")
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]

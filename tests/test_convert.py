@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import build_mmpretrain_classifier, build_mmpretrain_mae, fix_masking
+from reference import build_mmpretrain_classifier, build_mmpretrain_mae, mmpretrain_masked_encoder
 from safetensors.torch import save_file
 
 import convert_checkpoint
@@ -63,13 +63,10 @@ def assert_refused(status, err, pattern, output_dir=None):
 def max_diff_vs_mmpretrain(folder, mm_model, encoder_only=False, image_size=64):
     """Largest abs difference between the converted folder and mmpretrain on the same images and mask (masked
     encoder features, plus decoder predictions and loss for a full MAE)."""
-    generator = torch.Generator().manual_seed(123)
-    images = torch.randn(1, 3, image_size, image_size, generator=generator)
-    noise = torch.rand(1, (image_size // 16) ** 2, generator=generator)
-    fix_masking(mm_model, noise)
+    images = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(123))
+    latent, mask, ids_restore, noise = mmpretrain_masked_encoder(mm_model, images, seed=123)
     model = (HiViTMAEModel if encoder_only else HiViTMAEForPreTraining).from_pretrained(folder).eval()
     with torch.no_grad():
-        latent, mask, ids_restore = mm_model.backbone(images)
         if encoder_only:
             return (model(images, mask=True, noise=noise).last_hidden_state - latent).abs().max().item()
         outputs = model(images, mask=True, noise=noise)

@@ -4,7 +4,7 @@ logits and trainable parameters as mmpretrain's HiViT `ImageClassifier`."""
 
 import pytest
 import torch
-from reference import MMPRETRAIN_ARCHS, build_mmpretrain_classifier, build_mmpretrain_mae, fix_masking
+from reference import MMPRETRAIN_ARCHS, build_mmpretrain_classifier, build_mmpretrain_mae, mmpretrain_masked_encoder
 
 from convert_checkpoint import convert_state_dict, infer_config
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining
@@ -51,10 +51,10 @@ def test_parity_with_mmpretrain(arch):
     expected = feature_map_to_tokens(reference.backbone(larger, mask=None)[0])
     assert max_diff(model.hivit(larger).last_hidden_state, expected) < TOLERANCE
 
-    # Masked pre-training step with the same mask: encoder, decoder and loss.
-    noise = torch.rand(2, 196, generator=generator)
-    fix_masking(reference, noise)
-    latent, mask, ids_restore = reference.backbone(images)
+    # Masked pre-training step with mmpretrain's own random mask, our forward given the same noise: the same mask,
+    # encoder, decoder and loss.
+    latent, mask, ids_restore, noise = mmpretrain_masked_encoder(reference, images, seed=5)
+    assert mask.sum(dim=1).tolist() == [147, 147]
     logits = reference.neck(latent, ids_restore)
     loss = reference.head.loss(logits, images, mask)
     outputs = model(images, noise=noise)
@@ -78,10 +78,10 @@ def test_parity_with_relative_position_bias_and_layer_scale():
     assert max_diff(outputs.last_hidden_state, expected) < TOLERANCE
 
     # mmpretrain's masked path calls the main blocks without the relative position bias; so do we by default.
-    noise = torch.rand(2, 196, generator=torch.Generator().manual_seed(3))
-    fix_masking(reference, noise)
-    latent, _, _ = reference.backbone(images)
-    assert max_diff(model.hivit(images, mask=True, noise=noise).last_hidden_state, latent) < TOLERANCE
+    latent, mask, ids_restore, noise = mmpretrain_masked_encoder(reference, images, seed=3)
+    outputs = model.hivit(images, mask=True, noise=noise)
+    assert torch.equal(outputs.mask, mask) and torch.equal(outputs.ids_restore, ids_restore)
+    assert max_diff(outputs.last_hidden_state, latent) < TOLERANCE
 
 
 def test_classifier_parity_with_mmpretrain():

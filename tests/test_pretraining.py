@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ResumeProbe
 from PIL import Image
 from transformers import TrainerCallback
 
@@ -267,8 +268,12 @@ def test_resume_after_interruption_continues_exactly(image_dir, tmp_path):
         run_pretraining.main(args(tmp_path / "crashed"), callbacks=[CrashAfterSave(4)])
     assert (tmp_path / "crashed" / "checkpoint-4").is_dir()
     assert not (tmp_path / "crashed" / "checkpoint-8").exists()
-    resumed = run_pretraining.main(args(tmp_path / "crashed", "--resume_from_checkpoint", "latest"))
+    probe = ResumeProbe()
+    resumed = run_pretraining.main(args(tmp_path / "crashed", "--resume_from_checkpoint", "latest"), [probe])
 
+    # The resumed process ran steps 5-8 only, from checkpoint-4's weights and optimizer moments.
+    assert probe.steps == [5, 6, 7, 8]
+    probe.assert_started_from(tmp_path / "crashed" / "checkpoint-4")
     assert resumed["global_step"] == full["global_step"] == 8
     full_losses, resumed_losses = dict(full["losses"]), dict(resumed["losses"])
     # The resumed history holds steps 1-4 from the checkpoint and 5-8 from the new run: nothing lost or repeated.
