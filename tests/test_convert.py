@@ -19,7 +19,7 @@ import convert_checkpoint
 from hivit_mae_tools.conversion import cli, writer
 from hivit_mae_tools.conversion import mmpretrain as mmpretrain_format
 from hivit_mae_tools.conversion.safe_load import sha256sum
-from hivit_mae_tools.conversion.types import CheckpointError
+from hivit_mae_tools.conversion.types import CheckpointError, ConversionOptions
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining, HiViTMAEModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,7 +274,7 @@ def test_not_a_checkpoint_truncated_and_wrong_model(tmp_path, capsys, small_stat
     text = tmp_path / "notes.pth"
     text.write_text("these are my notes, not a checkpoint\n")
     assert_refused(
-        *run_main(["--checkpoint", text, "--output_dir", folder], capsys)[::2], r"notes\.pth.*cannot be read"
+        *run_main(["--checkpoint", text, "--output_dir", folder], capsys)[::2], r"notes\.pth: not a PyTorch checkpoint"
     )
 
     whole = tmp_path / "whole.pth"
@@ -290,6 +290,7 @@ def test_not_a_checkpoint_truncated_and_wrong_model(tmp_path, capsys, small_stat
 
     missing = tmp_path / "missing.pth"
     assert_refused(*run_main(["--checkpoint", missing, "--output_dir", folder], capsys)[::2], r"no such file")
+    assert_refused(*run_main(["--checkpoint", tmp_path, "--output_dir", folder], capsys)[::2], r"is a directory")
 
     # mmpretrain's MAE-ViT keeps a class token and `layers.N` blocks.
     vit = {
@@ -334,6 +335,56 @@ def test_wrong_shapes(tmp_path, capsys, small_state_dict):
     torch.save(damaged, path)
     status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
     assert_refused(status, err, r"lacks", folder)
+
+
+def test_bad_weights_and_options(tmp_path, capsys, small_state_dict):
+    """Each mistake is one `error:` line: weights the model has no place for, NaN weights, nonsensical options
+    (usage errors, exit status 2) and config overrides that are not positive integers."""
+    folder = tmp_path / "out"
+    path = tmp_path / "mae.pth"
+    # An attention weight in a stem block (stem blocks are MLP-only).
+    torch.save({**small_state_dict, "backbone.blocks.0.attn.qkv.weight": torch.zeros(96, 32)}, path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(
+        status,
+        err,
+        r"1 weights that the inferred model has no place for: hivit\.stem\.0\.blocks\.0\.attention",
+        folder,
+    )
+
+    diverged = dict(small_state_dict)
+    for key in ("backbone.blocks.7.mlp.fc1.weight", "neck.decoder_pred.bias"):
+        diverged[key] = diverged[key].clone()
+        diverged[key].view(-1)[3] = float("nan") if key.endswith("weight") else float("inf")
+    torch.save(diverged, path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(
+        status,
+        err,
+        r"NaN or infinite values in 2 tensors: hivit\.encoder\.layers\.1\.mlp\.fc1\.weight, decoder\.decoder_pred",
+        folder,
+    )
+
+    torch.save(small_state_dict, path)
+    for option, value, pattern in [
+        ("--num_attention_heads", "0", r"--num_attention_heads: must be a positive int, not '0'"),
+        ("--decoder_num_attention_heads", "-2", r"must be a positive int"),
+        ("--image_size", "abc", r"--image_size: must be a positive int, not 'abc'"),
+        ("--layer_norm_eps", "0", r"--layer_norm_eps: must be a positive float"),
+        ("--max_shard_size", "abc", r"--max_shard_size: must be a size such as 500MB or 5GB, not 'abc'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            convert_checkpoint.main(["--checkpoint", str(path), "--output_dir", str(folder), option, value])
+        assert exit_info.value.code == 2
+        assert_refused(1, capsys.readouterr().err, pattern, folder)
+
+    # The Python API: overrides are checked before a config is built from them.
+    for value in (0, "128", 12.0):
+        with pytest.raises(
+            CheckpointError, match=rf"hidden_size must be a positive int, not {re.escape(repr(value))}"
+        ):
+            cli.convert(path, folder, ConversionOptions(overrides={"hidden_size": value}))
+    assert not folder.exists()
 
 
 class _RunsCode:
@@ -417,6 +468,8 @@ def test_tiny_parity_and_folder_contents(tiny):
     assert card.data.pipeline_tag == "image-feature-extraction"
     assert "hivit" in card.data.tags
     assert card.data.datasets is None  # a published checkpoint without its config: data set unknown
+    assert "HiViT: A Simpler and More Efficient Design of Hierarchical Vision Transformer" in card.text
+    assert "Converted from an [mmpretrain](https://github.com/open-mmlab/mmpretrain) checkpoint." in card.text
     assert path.name in card.text and sha256sum(path) in card.text
     figures = re.findall(
         r"\| (masked encoder features|decoder pixel predictions|loss|unmasked encoder features) "

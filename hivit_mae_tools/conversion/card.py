@@ -8,7 +8,7 @@ from .mmpretrain import PARITY_TOLERANCE
 from .types import ConversionReport
 from .writer import CROP_RATIO
 
-PAPER = '"HiViT: A Simple and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023'
+PAPER = '"HiViT: A Simpler and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023'
 
 
 def model_card(report: ConversionReport) -> str:

@@ -100,6 +100,7 @@ def convert(
         )
     if verify_mmpretrain and source is not mmpretrain:
         raise CheckpointError(f"--verify-against-mmpretrain: this is not an mmpretrain checkpoint ({source.NAME})")
+    writer.check_finite(converted)
     model = writer.build_model(config, converted, kind)
     num_parameters = sum(parameter.numel() for parameter in model.parameters())
     _progress(
@@ -154,6 +155,41 @@ def convert(
     return report
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one `error: ...` line (exit status 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(kind):
+    """argparse type: a positive `kind` (int or float)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _file_size(text: str) -> str:
+    """argparse type: a size as transformers' `max_shard_size` takes it (`500MB`, `5GB`)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError:
+        size = None
+    if size is None or size <= 0:
+        raise argparse.ArgumentTypeError(f"must be a size such as 500MB or 5GB, not {text!r}")
+    return text
+
+
 EPILOG = """\
 examples:
   # mmpretrain's published MAE-HiViT-base checkpoint, verified against mmpretrain (needs it installed)
@@ -176,12 +212,13 @@ inputs: mmengine training checkpoints (meta, state_dict, message_hub, optimizer,
 checkpoints (meta, state_dict), bare state dicts and .safetensors files, of the whole MAE (backbone./neck./head.
 keys), of the encoder alone (backbone. keys or none) or of an mmpretrain ImageClassifier with a HiViT backbone and
 a LinearClsHead (backbone./head.fc. keys; written as HiViTMAEForImageClassification). Pickles are read with torch's
-weights-only unpickler: no pickled code runs, and mmengine need not be installed.
+weights-only unpickler: no pickled code runs, and mmengine need not be installed. A file that declares more data than
+it holds is refused before anything is allocated.
 """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="convert_checkpoint.py",
         description="Convert an mmpretrain MAE-HiViT (or HiViT classifier) checkpoint into a Hugging Face "
         "transformers model folder (model.safetensors, config.json, model code, preprocessor_config.json, README.md "
@@ -203,21 +240,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--num_attention_heads",
-        type=int,
+        type=_positive(int),
         help="encoder attention heads (weights do not show them; default: mmpretrain's for its sizes, else width/64)",
     )
     parser.add_argument(
-        "--decoder_num_attention_heads", type=int, help="decoder attention heads (default: 16, as mmpretrain's)"
+        "--decoder_num_attention_heads",
+        type=_positive(int),
+        help="decoder attention heads (default: 16, as mmpretrain's)",
     )
     parser.add_argument(
         "--layer_norm_eps",
-        type=float,
+        type=_positive(float),
         help="LayerNorm epsilon (weights do not show it; default: mmpretrain's, 1e-6 for MAE-HiViT, 1e-5 for its "
         "HiViT classifiers)",
     )
     parser.add_argument(
         "--image_size",
-        type=int,
+        type=_positive(int),
         help="pre-training image size (default: read off the position tables, else 224)",
     )
     parser.add_argument(
@@ -253,7 +292,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"{mmpretrain.PARITY_TOLERANCE} (needs mmpretrain); the figures go into the model card",
     )
     parser.add_argument(
-        "--max_shard_size", default="5GB", help="largest weight file before sharding, e.g. 500MB (default: 5GB)"
+        "--max_shard_size",
+        type=_file_size,
+        default="5GB",
+        help="largest weight file before sharding, e.g. 500MB (default: 5GB)",
     )
     parser.add_argument(
         "--dataset",

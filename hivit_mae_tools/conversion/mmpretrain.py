@@ -134,8 +134,8 @@ def _infer_config(state_dict: dict, arch: Optional[str], overrides: dict) -> HiV
     config.update({key: value for key, value in overrides.items() if value is not None})
     try:
         return HiViTMAEConfig(**config)
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
+    except (ValueError, TypeError, ZeroDivisionError) as error:
+        raise CheckpointError(f"the config is invalid: {error}") from None
 
 
 _MAIN_KEYS = {

@@ -26,6 +26,28 @@ class ConversionOptions:
     allow_unused: bool = False  # the user accepts source tensors that map nowhere (the CLI checks `unused`)
     labels: Optional[list[str]] = None  # class names given by the user; the CLI checks and applies them
 
+    def __post_init__(self):
+        for name, value in (self.overrides or {}).items():
+            if value is None or name not in _POSITIVE_OVERRIDES:
+                continue
+            kind = _POSITIVE_OVERRIDES[name]
+            if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+                raise CheckpointError(f"{name} must be a positive {kind[0].__name__}, not {value!r}")
+
+
+# Config fields that a conversion may override and that must be positive numbers (checked before any config is
+# built: `HiViTMAEConfig` would divide by them).
+_POSITIVE_OVERRIDES = {
+    "hidden_size": (int,),
+    "num_attention_heads": (int,),
+    "decoder_hidden_size": (int,),
+    "decoder_num_attention_heads": (int,),
+    "decoder_num_hidden_layers": (int,),
+    "image_size": (int,),
+    "patch_size": (int,),
+    "layer_norm_eps": (float, int),
+}
+
 
 @dataclass
 class SourceConversion:

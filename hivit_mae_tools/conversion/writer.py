@@ -31,6 +31,13 @@ def check_weights(converted: dict, model: torch.nn.Module):
             f"{len(wrong)} weights have the wrong shape for the inferred/overridden config: "
             f"{'; '.join(wrong[:3])}{more}"
         )
+    unexpected = sorted(set(converted) - set(expected))
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"the checkpoint has {len(unexpected)} weights that the inferred model has no place for: "
+            f"{', '.join(unexpected[:5])}{more}"
+        )
     missing = sorted(set(expected) - set(converted))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -55,6 +62,16 @@ def _for_model(converted: dict, kind: str) -> dict:
     if kind == "encoder":
         return {key.removeprefix("hivit."): value for key, value in converted.items()}
     return converted
+
+
+def check_finite(converted: dict):
+    """Raise `CheckpointError` naming the tensors that hold NaN or infinite values (a diverged training run)."""
+    bad = [key for key, value in converted.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(
+            f"the checkpoint holds NaN or infinite values in {len(bad)} tensors: {', '.join(bad[:5])}{more}"
+        )
 
 
 def build_model(config: HiViTMAEConfig, converted: dict, kind: str) -> torch.nn.Module:
