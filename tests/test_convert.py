@@ -1,6 +1,6 @@
-"""Tests of `convert_checkpoint.py`: every kind of input, every refusal, the written folder, and parity of converted
-folders with mmpretrain 1.2.0 (the independent reference). Most tests use a small custom HiViT built by mmpretrain
-itself; one converts mmpretrain's `tiny` arch at 224."""
+"""Tests of `convert_checkpoint.py` (the package `hivit_mae_tools.conversion`): every kind of input, every refusal,
+the written folder, and parity of converted folders with mmpretrain 1.2.0 (the independent reference). Most tests use
+a small custom HiViT built by mmpretrain itself; one converts mmpretrain's `tiny` arch at 224."""
 
 import json
 import os
@@ -16,6 +16,10 @@ from reference import build_mmpretrain_classifier, build_mmpretrain_mae, fix_mas
 from safetensors.torch import save_file
 
 import convert_checkpoint
+from hivit_mae_tools.conversion import cli, writer
+from hivit_mae_tools.conversion import mmpretrain as mmpretrain_format
+from hivit_mae_tools.conversion.safe_load import sha256sum
+from hivit_mae_tools.conversion.types import CheckpointError
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining, HiViTMAEModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +125,8 @@ def test_mmengine_training_checkpoint_loads_without_mmengine(tmp_path, small_mm,
         "sys.modules['mmengine'] = None  # any `import mmengine...` now raises ImportError\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import convert_checkpoint\n"
-        "checkpoint = convert_checkpoint.load_checkpoint(sys.argv[1])\n"
+        "from hivit_mae_tools.conversion.safe_load import load_checkpoint\n"
+        "checkpoint = load_checkpoint(sys.argv[1])\n"
         "assert type(checkpoint['message_hub']['log_scalars']['train/loss']).__name__ == '_Opaque'\n"
         "sys.exit(convert_checkpoint.main(['--checkpoint', sys.argv[1], '--output_dir', sys.argv[2]]))\n"
     )
@@ -138,7 +143,7 @@ def test_mmengine_training_checkpoint_loads_without_mmengine(tmp_path, small_mm,
     assert f"written to {output_dir}" in result.stdout
     assert max_diff_vs_mmpretrain(output_dir, small_mm) < 1e-4
     card = (output_dir / "README.md").read_text()
-    assert "imagenet-1k" in card and convert_checkpoint.sha256sum(path) in card
+    assert "imagenet-1k" in card and sha256sum(path) in card
 
 
 @pytest.mark.parametrize("kind", ["published", "bare", "safetensors"])
@@ -239,9 +244,9 @@ def test_failed_verification_leaves_nothing(tmp_path, capsys, small_state_dict, 
     torch.save(small_state_dict, path)
 
     def broken(*args, **kwargs):
-        raise convert_checkpoint.CheckpointError("the written folder's hivit.x differs from the source checkpoint's")
+        raise CheckpointError("the written folder's hivit.x differs from the source checkpoint's")
 
-    monkeypatch.setattr(convert_checkpoint, "verify_folder", broken)
+    monkeypatch.setattr(writer, "verify_folder", broken)
     status, out, err = run_main(["--checkpoint", path, "--output_dir", tmp_path / "out"], capsys)
     assert_refused(status, err, "differs from the source", tmp_path / "out")
     assert "[4/4] verifying" in out
@@ -251,8 +256,8 @@ def test_verification_against_mmpretrain_catches_a_wrong_mapping(tmp_path, capsy
     """Swapping the two LayerNorms of the decoder layers keeps every shape, so only the outputs can tell."""
     path = tmp_path / "mae.pth"
     torch.save(small_state_dict, path)
-    swapped = {**convert_checkpoint._DECODER_LAYER_KEYS, "ln1": "norm2", "ln2": "norm1"}
-    monkeypatch.setattr(convert_checkpoint, "_DECODER_LAYER_KEYS", swapped)
+    swapped = {**mmpretrain_format._DECODER_LAYER_KEYS, "ln1": "norm2", "ln2": "norm1"}
+    monkeypatch.setattr(mmpretrain_format, "_DECODER_LAYER_KEYS", swapped)
     args = ["--checkpoint", path, "--output_dir", tmp_path / "out", "--verify-against-mmpretrain"]
     status, _, err = run_main(args, capsys)
     assert_refused(
@@ -412,7 +417,7 @@ def test_tiny_parity_and_folder_contents(tiny):
     assert card.data.pipeline_tag == "image-feature-extraction"
     assert "hivit" in card.data.tags
     assert card.data.datasets is None  # a published checkpoint without its config: data set unknown
-    assert path.name in card.text and convert_checkpoint.sha256sum(path) in card.text
+    assert path.name in card.text and sha256sum(path) in card.text
     figures = re.findall(
         r"\| (masked encoder features|decoder pixel predictions|loss|unmasked encoder features) "
         r"\| ([0-9.e+-]+) \|",
@@ -632,7 +637,7 @@ def test_push_to_hub(tmp_path, capsys, small_state_dict, monkeypatch):
 
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        convert_checkpoint.parse_args(["--help"])
+        cli.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     options = [
