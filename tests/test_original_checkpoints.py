@@ -3,6 +3,10 @@ outputs that the original code computed for the fixtures in `tests/fixtures/orig
 
 import argparse
 import copy
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -318,3 +322,68 @@ def test_labels_must_fit_the_head(mae_checkpoint, classifier_checkpoint):
         convert(classifier_checkpoint, labels=list("abcd"))
     with pytest.raises(CheckpointError, match="no classification head"):
         convert(mae_checkpoint, overrides=MAE_TINY_HEADS, labels=["a"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: `python convert_checkpoint.py` on the original files, then transformers' Auto classes with remote code
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_converter(tmp_path, checkpoint: str, *flags: str) -> Path:
+    """Run `python convert_checkpoint.py` as a user of a clone would, in a process that imports nothing else of the
+    test environment (no PYTHONPATH, Hub offline, its own HF cache); returns the output folder."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHONPATH", "HF_"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    output_dir = tmp_path / Path(checkpoint).stem
+    command = [sys.executable, str(ROOT / "convert_checkpoint.py"), "--checkpoint", str(FIXTURES / checkpoint)]
+    result = subprocess.run(
+        [*command, "--output_dir", str(output_dir), *flags], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(original HiViT)" in result.stdout
+    return output_dir
+
+
+def check_card(folder: Path, checkpoint: str) -> str:
+    card = (folder / "README.md").read_text()
+    assert "github.com/zhangxiaosong18/hivit" in card and "MIT" in card
+    assert "do not state a license" in card and "license: unknown" in card
+    assert f"`{checkpoint}`" in card
+    assert hashlib.sha256((FIXTURES / checkpoint).read_bytes()).hexdigest() in card
+    return card
+
+
+def test_converter_command_on_the_original_classifier(tmp_path, pixel_values):
+    from transformers import AutoModelForImageClassification
+
+    folder = run_converter(tmp_path, "classifier_tiny.pth")  # no other flag: heads from the relative position table
+    expected = load_fixture("classifier_tiny_expected.pt")
+    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert max_diff(model(pixel_values).logits, expected["logits"]) < ATOL
+    check_card(folder, "classifier_tiny.pth")
+
+
+def test_converter_command_on_the_original_pretraining_checkpoint(tmp_path, pixel_values):
+    from transformers import AutoModel, AutoModelForPreTraining
+
+    # The head counts of the tiny fixture (2 and 2) differ from the original factories' defaults that a flag-less
+    # conversion assumes (hidden_size // 64 = 1 and 16; right for the released base files), and no weight shows them.
+    folder = run_converter(
+        tmp_path, "mae_tiny.pth", "--num_attention_heads", "2", "--decoder_num_attention_heads", "2"
+    )
+    expected = load_fixture("mae_tiny_expected.pt")
+    model = AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True).eval()
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        outputs = model(pixel_values, noise=expected["noise"])
+        features = encoder(pixel_values, output_hidden_states=True)
+    assert torch.equal(outputs.mask, expected["mask"])
+    assert max_diff(outputs.logits, expected["pred"]) < ATOL
+    assert abs(outputs.loss.item() - expected["loss"].item()) < ATOL
+    assert max_diff(features.last_hidden_state, expected["unmasked_hifeat_normed"]) < ATOL
+    assert max_diff(features.hidden_states[-1], expected["unmasked_last"]) < ATOL
+    card = check_card(folder, "mae_tiny.pth")
+    assert "last_hidden_state  # (batch_size, 196, 448)" in card  # the card's snippet states the hifeat width

@@ -336,7 +336,8 @@ def source_description(kind: str) -> str:
         "encoder": "the encoder of `mae_hivit_base_1600ep.pth`",
     }[kind]
     return (
-        f"Converted from a checkpoint of the original HiViT implementation ([{SOURCE_URL}]({SOURCE_URL}), "
+        f"Converted from a checkpoint of the original HiViT implementation ([{SOURCE_URL.removeprefix('https://')}]"
+        f"({SOURCE_URL}), "
         "`self_supervised/`; its code is MIT-licensed), in the format of its released weights: "
         f"{released}. The authors of the weights do not state a license for them. The converted model reproduces "
         "the original code's outputs (equal within 1e-4 in float32, tested on tiny checkpoints made with that code): "
