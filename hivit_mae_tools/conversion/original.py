@@ -238,10 +238,10 @@ def infer_config(weights: dict, overrides: Optional[dict] = None) -> tuple[HiViT
     try:
         return HiViTMAEConfig(**config), notes
     except ValueError as error:
-        raise CheckpointError(
-            f"{error} (head counts are not stored in the weights: --num_attention_heads and "
-            "--decoder_num_attention_heads set them)"
-        ) from None
+        hint = ""
+        if "attention_heads" in str(error):
+            hint = " (the weights do not store head counts: --num_attention_heads and --decoder_num_attention_heads)"
+        raise CheckpointError(f"{error}{hint}") from None
 
 
 def checkpoint_kind(weights: dict) -> str:
