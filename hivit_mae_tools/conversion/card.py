@@ -68,7 +68,8 @@ def model_card(report: ConversionReport) -> str:
             )
         usage_class = "AutoModel"
         usage = (
-            f"    features = model(**inputs).last_hidden_state  # (batch_size, {grid**2}, {config.hidden_size})\n"
+            "    features = model(**inputs).last_hidden_state  # (batch_size, "
+            f"{grid**2}, {config.encoder_output_size})\n"
             "print(features.shape)"
         )
     if report.parity:

@@ -16,12 +16,13 @@ import torch
 
 from configuration_hivit_mae import HIVIT_ARCHS
 
-from . import card, mmpretrain, writer
+from . import card, mmpretrain, original, writer
 from .safe_load import load_checkpoint, sha256sum
 from .types import CheckpointError, ConversionOptions, ConversionReport
 
-# The source formats, tried in order: the first whose `detect` accepts the loaded checkpoint converts it.
-FORMATS = [mmpretrain]
+# The source formats, tried in order: the first whose `detect` accepts the loaded checkpoint converts it. mmpretrain's
+# `detect` takes whatever is not the original repository's, so it comes last.
+FORMATS = [original, mmpretrain]
 
 
 def _progress(step: int, total: int, message: str):
@@ -208,21 +209,26 @@ examples:
   python convert_checkpoint.py --checkpoint work_dirs/hivit-base_in1k/epoch_100.pth --output_dir hivit-base-in1k \
       --verify-against-mmpretrain
 
+  # the original HiViT repository's released weights (github.com/zhangxiaosong18/hivit): nothing else to say
+  python convert_checkpoint.py --checkpoint mae_hivit_base_1600ep_ft100ep.pth --output_dir hivit-base-in1k
+
 inputs: mmengine training checkpoints (meta, state_dict, message_hub, optimizer, param_schedulers), published
 checkpoints (meta, state_dict), bare state dicts and .safetensors files, of the whole MAE (backbone./neck./head.
 keys), of the encoder alone (backbone. keys or none) or of an mmpretrain ImageClassifier with a HiViT backbone and
 a LinearClsHead (backbone./head.fc. keys; written as HiViTMAEForImageClassification). Pickles are read with torch's
 weights-only unpickler: no pickled code runs, and mmengine need not be installed. A file that declares more data than
-it holds is refused before anything is allocated.
+it holds is refused before anything is allocated. Checkpoints of the original HiViT repository (model, optimizer,
+epoch, scaler, args, and model_ema; or the model state dict alone) are recognised by their key names: MAE
+pre-training (decoder_* keys) or the fine-tuned classifier (fc_norm, head).
 """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = _ArgumentParser(
         prog="convert_checkpoint.py",
-        description="Convert an mmpretrain MAE-HiViT (or HiViT classifier) checkpoint into a Hugging Face "
-        "transformers model folder (model.safetensors, config.json, model code, preprocessor_config.json, README.md "
-        "model card).",
+        description="Convert an MAE-HiViT (or HiViT classifier) checkpoint of mmpretrain or of the original HiViT "
+        "repository into a Hugging Face transformers model folder (model.safetensors, config.json, model code, "
+        "preprocessor_config.json, README.md model card).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
