@@ -6,6 +6,7 @@ verifies the folder, and optionally uploads it. Every refusal is one `error: ...
 
 import argparse
 import collections.abc
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -66,14 +67,14 @@ def convert(
     total_steps: int = 4,
 ) -> ConversionReport:
     """Convert `checkpoint_path` into the `from_pretrained` folder `output_dir`; see the command-line help.
+    `options` go to the source format (`allow_unused` and `labels` are set from `allow_unused` and `labels_file`).
 
     The folder is written next to `output_dir` under a temporary name, verified, and only then moved into place.
     Raises `CheckpointError` with a one-line reason for anything that cannot be converted.
     """
     checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir).absolute()
     writer.prepare_output(output_dir, overwrite)
-    options = options or ConversionOptions()
-    options.allow_unused = allow_unused is not None
+    options = dataclasses.replace(options or ConversionOptions(), allow_unused=allow_unused is not None)
     if labels_file is not None:
         options.labels = read_labels(labels_file)
 
