@@ -40,7 +40,7 @@ from transformers import BitImageProcessor, HfArgumentParser, Trainer, TrainingA
 from transformers.trainer_utils import IntervalStrategy
 
 from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
-from convert_checkpoint import IMAGENET_MEAN, IMAGENET_STD, preprocessor_config
+from hivit_mae_tools.conversion.writer import IMAGENET_MEAN, IMAGENET_STD, preprocessor_config
 from modeling_hivit_mae import HiViTMAEForImageClassification
 from run_pretraining import (
     apply_config_overrides,

@@ -47,7 +47,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
-from convert_checkpoint import preprocessor_config
+from hivit_mae_tools.conversion.writer import preprocessor_config
 from modeling_hivit_mae import HiViTMAEForPreTraining
 from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD, stack_vertically, visualize
 

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="hivit-mae",
@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
+    packages=find_packages(include=["hivit_mae_tools", "hivit_mae_tools.*"]),
     py_modules=[
         "configuration_hivit_mae",
         "modeling_hivit_mae",

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from convert_checkpoint import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from hivit_mae_tools.conversion.writer import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from modeling_hivit_mae import HiViTMAEForPreTraining  # noqa: E402
 
 # mmpretrain's `SelfSupDataPreprocessor` statistics (ImageNet, 0-255 scale) divided by 255.

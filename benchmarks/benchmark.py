@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from configuration_hivit_mae import HiViTMAEConfig  # noqa: E402
-from convert_checkpoint import convert_state_dict, mmpretrain_config  # noqa: E402
+from hivit_mae_tools.conversion.mmpretrain import convert_state_dict, mmpretrain_config  # noqa: E402
 from modeling_hivit_mae import HiViTMAEForPreTraining, random_masking  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

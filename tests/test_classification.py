@@ -113,7 +113,7 @@ def test_weight_decay_against_mmengine():
     from mmengine.optim import DefaultOptimWrapperConstructor
     from reference import build_mmpretrain_classifier
 
-    from convert_checkpoint import convert_state_dict, infer_config
+    from hivit_mae_tools.conversion.mmpretrain import convert_state_dict, infer_config
 
     reference = build_mmpretrain_classifier("tiny", num_classes=10, perturb=False)
     paramwise = dict(

@@ -1,6 +1,6 @@
-"""Tests of `convert_checkpoint.py`: every kind of input, every refusal, the written folder, and parity of converted
-folders with mmpretrain 1.2.0 (the independent reference). Most tests use a small custom HiViT built by mmpretrain
-itself; one converts mmpretrain's `tiny` arch at 224."""
+"""Tests of `convert_checkpoint.py` (the package `hivit_mae_tools.conversion`): every kind of input, every refusal,
+the written folder, and parity of converted folders with mmpretrain 1.2.0 (the independent reference). Most tests use
+a small custom HiViT built by mmpretrain itself; one converts mmpretrain's `tiny` arch at 224."""
 
 import json
 import os
@@ -16,6 +16,10 @@ from reference import build_mmpretrain_classifier, build_mmpretrain_mae, mmpretr
 from safetensors.torch import save_file
 
 import convert_checkpoint
+from hivit_mae_tools.conversion import cli, writer
+from hivit_mae_tools.conversion import mmpretrain as mmpretrain_format
+from hivit_mae_tools.conversion.safe_load import sha256sum
+from hivit_mae_tools.conversion.types import CheckpointError, ConversionOptions
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining, HiViTMAEModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +122,8 @@ def test_mmengine_training_checkpoint_loads_without_mmengine(tmp_path, small_mm,
         "sys.modules['mmengine'] = None  # any `import mmengine...` now raises ImportError\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import convert_checkpoint\n"
-        "checkpoint = convert_checkpoint.load_checkpoint(sys.argv[1])\n"
+        "from hivit_mae_tools.conversion.safe_load import load_checkpoint\n"
+        "checkpoint = load_checkpoint(sys.argv[1])\n"
         "assert type(checkpoint['message_hub']['log_scalars']['train/loss']).__name__ == '_Opaque'\n"
         "sys.exit(convert_checkpoint.main(['--checkpoint', sys.argv[1], '--output_dir', sys.argv[2]]))\n"
     )
@@ -135,7 +140,7 @@ def test_mmengine_training_checkpoint_loads_without_mmengine(tmp_path, small_mm,
     assert f"written to {output_dir}" in result.stdout
     assert max_diff_vs_mmpretrain(output_dir, small_mm) < 1e-4
     card = (output_dir / "README.md").read_text()
-    assert "imagenet-1k" in card and convert_checkpoint.sha256sum(path) in card
+    assert "imagenet-1k" in card and sha256sum(path) in card
 
 
 @pytest.mark.parametrize("kind", ["published", "bare", "safetensors"])
@@ -236,9 +241,9 @@ def test_failed_verification_leaves_nothing(tmp_path, capsys, small_state_dict, 
     torch.save(small_state_dict, path)
 
     def broken(*args, **kwargs):
-        raise convert_checkpoint.CheckpointError("the written folder's hivit.x differs from the source checkpoint's")
+        raise CheckpointError("the written folder's hivit.x differs from the source checkpoint's")
 
-    monkeypatch.setattr(convert_checkpoint, "verify_folder", broken)
+    monkeypatch.setattr(writer, "verify_folder", broken)
     status, out, err = run_main(["--checkpoint", path, "--output_dir", tmp_path / "out"], capsys)
     assert_refused(status, err, "differs from the source", tmp_path / "out")
     assert "[4/4] verifying" in out
@@ -248,8 +253,8 @@ def test_verification_against_mmpretrain_catches_a_wrong_mapping(tmp_path, capsy
     """Swapping the two LayerNorms of the decoder layers keeps every shape, so only the outputs can tell."""
     path = tmp_path / "mae.pth"
     torch.save(small_state_dict, path)
-    swapped = {**convert_checkpoint._DECODER_LAYER_KEYS, "ln1": "norm2", "ln2": "norm1"}
-    monkeypatch.setattr(convert_checkpoint, "_DECODER_LAYER_KEYS", swapped)
+    swapped = {**mmpretrain_format._DECODER_LAYER_KEYS, "ln1": "norm2", "ln2": "norm1"}
+    monkeypatch.setattr(mmpretrain_format, "_DECODER_LAYER_KEYS", swapped)
     args = ["--checkpoint", path, "--output_dir", tmp_path / "out", "--verify-against-mmpretrain"]
     status, _, err = run_main(args, capsys)
     assert_refused(
@@ -266,7 +271,7 @@ def test_not_a_checkpoint_truncated_and_wrong_model(tmp_path, capsys, small_stat
     text = tmp_path / "notes.pth"
     text.write_text("these are my notes, not a checkpoint\n")
     assert_refused(
-        *run_main(["--checkpoint", text, "--output_dir", folder], capsys)[::2], r"notes\.pth.*cannot be read"
+        *run_main(["--checkpoint", text, "--output_dir", folder], capsys)[::2], r"notes\.pth: not a PyTorch checkpoint"
     )
 
     whole = tmp_path / "whole.pth"
@@ -282,6 +287,7 @@ def test_not_a_checkpoint_truncated_and_wrong_model(tmp_path, capsys, small_stat
 
     missing = tmp_path / "missing.pth"
     assert_refused(*run_main(["--checkpoint", missing, "--output_dir", folder], capsys)[::2], r"no such file")
+    assert_refused(*run_main(["--checkpoint", tmp_path, "--output_dir", folder], capsys)[::2], r"is a directory")
 
     # mmpretrain's MAE-ViT keeps a class token and `layers.N` blocks.
     vit = {
@@ -326,6 +332,56 @@ def test_wrong_shapes(tmp_path, capsys, small_state_dict):
     torch.save(damaged, path)
     status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
     assert_refused(status, err, r"lacks", folder)
+
+
+def test_bad_weights_and_options(tmp_path, capsys, small_state_dict):
+    """Each mistake is one `error:` line: weights the model has no place for, NaN weights, nonsensical options
+    (usage errors, exit status 2) and config overrides that are not positive integers."""
+    folder = tmp_path / "out"
+    path = tmp_path / "mae.pth"
+    # An attention weight in a stem block (stem blocks are MLP-only).
+    torch.save({**small_state_dict, "backbone.blocks.0.attn.qkv.weight": torch.zeros(96, 32)}, path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(
+        status,
+        err,
+        r"1 weights that the inferred model has no place for: hivit\.stem\.0\.blocks\.0\.attention",
+        folder,
+    )
+
+    diverged = dict(small_state_dict)
+    for key in ("backbone.blocks.7.mlp.fc1.weight", "neck.decoder_pred.bias"):
+        diverged[key] = diverged[key].clone()
+        diverged[key].view(-1)[3] = float("nan") if key.endswith("weight") else float("inf")
+    torch.save(diverged, path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder], capsys)
+    assert_refused(
+        status,
+        err,
+        r"NaN or infinite values in 2 tensors: hivit\.encoder\.layers\.1\.mlp\.fc1\.weight, decoder\.decoder_pred",
+        folder,
+    )
+
+    torch.save(small_state_dict, path)
+    for option, value, pattern in [
+        ("--num_attention_heads", "0", r"--num_attention_heads: must be a positive int, not '0'"),
+        ("--decoder_num_attention_heads", "-2", r"must be a positive int"),
+        ("--image_size", "abc", r"--image_size: must be a positive int, not 'abc'"),
+        ("--layer_norm_eps", "0", r"--layer_norm_eps: must be a positive float"),
+        ("--max_shard_size", "abc", r"--max_shard_size: must be a size such as 500MB or 5GB, not 'abc'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            convert_checkpoint.main(["--checkpoint", str(path), "--output_dir", str(folder), option, value])
+        assert exit_info.value.code == 2
+        assert_refused(1, capsys.readouterr().err, pattern, folder)
+
+    # The Python API: overrides are checked before a config is built from them.
+    for value in (0, "128", 12.0):
+        with pytest.raises(
+            CheckpointError, match=rf"hidden_size must be a positive int, not {re.escape(repr(value))}"
+        ):
+            cli.convert(path, folder, ConversionOptions(overrides={"hidden_size": value}))
+    assert not folder.exists()
 
 
 class _RunsCode:
@@ -409,7 +465,9 @@ def test_tiny_parity_and_folder_contents(tiny):
     assert card.data.pipeline_tag == "image-feature-extraction"
     assert "hivit" in card.data.tags
     assert card.data.datasets is None  # a published checkpoint without its config: data set unknown
-    assert path.name in card.text and convert_checkpoint.sha256sum(path) in card.text
+    assert "HiViT: A Simpler and More Efficient Design of Hierarchical Vision Transformer" in card.text
+    assert "Converted from an [mmpretrain](https://github.com/open-mmlab/mmpretrain) checkpoint." in card.text
+    assert path.name in card.text and sha256sum(path) in card.text
     figures = re.findall(
         r"\| (masked encoder features|decoder pixel predictions|loss|unmasked encoder features) "
         r"\| ([0-9.e+-]+) \|",
@@ -629,7 +687,7 @@ def test_push_to_hub(tmp_path, capsys, small_state_dict, monkeypatch):
 
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        convert_checkpoint.parse_args(["--help"])
+        cli.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     options = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference import MMPRETRAIN_ARCHS, build_mmpretrain_classifier, build_mmpretrain_mae, mmpretrain_masked_encoder
 
-from convert_checkpoint import convert_state_dict, infer_config
+from hivit_mae_tools.conversion.mmpretrain import convert_state_dict, infer_config
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining
 
 TOLERANCE = 1e-4

@@ -142,7 +142,7 @@ def test_weight_decay_against_mmengine():
     from mmengine.optim import DefaultOptimWrapperConstructor
     from reference import build_mmpretrain_mae
 
-    from convert_checkpoint import convert_state_dict, infer_config
+    from hivit_mae_tools.conversion.mmpretrain import convert_state_dict, infer_config
 
     reference = build_mmpretrain_mae("tiny", perturb=False)
     no_decay_keys = ("norm", "bias", "pos_embed", "mask_token")

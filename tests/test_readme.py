@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from configuration_hivit_mae import HiViTMAEConfig
-from convert_checkpoint import preprocessor_config
-from modeling_hivit_mae import HiViTMAEForPreTraining
+from hivit_mae_tools.conversion.writer import preprocessor_config
+from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,6 +23,10 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     for folder in ("converted", "hivit-mae-base"):
         model.save_pretrained(folder)
         (tmp_path / folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(224)))
+    # "hivit-base-in1k": what converting the original fine-tuned file writes, at the tiny size.
+    config = HiViTMAEConfig.from_arch("tiny", use_fc_norm=True, num_labels=4)
+    HiViTMAEForImageClassification(config).save_pretrained("hivit-base-in1k")
+    (tmp_path / "hivit-base-in1k" / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(224)))
 
     namespace = {}
     for block in blocks:
@@ -34,3 +38,6 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     assert (out.logits.shape, out.mask.shape, out.ids_restore.shape) == ((2, 196, 768), (2, 196), (2, 196))
     assert feats.shape == (2, 196, 384)
     assert torch.equal(out.mask.sum(dim=1), torch.tensor([147.0, 147.0]))  # "75 % of the patches masked"
+    # The pre-trained weights' snippet: three predictions with the folder's class names.
+    assert {p["label"] for p in namespace["predictions"]} <= set(config.id2label.values())
+    assert len(namespace["predictions"]) == 3
