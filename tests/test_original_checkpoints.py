@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hivit_mae_tools.conversion import original
+from hivit_mae_tools.conversion.safe_load import load_checkpoint
 from hivit_mae_tools.conversion.types import CheckpointError, ConversionOptions
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining, HiViTMAEModel
 
@@ -23,9 +24,11 @@ MAE_TINY_HEADS = {"num_attention_heads": 2, "decoder_num_attention_heads": 2}
 
 
 def load_fixture(name: str):
-    # The original scripts pickle `args` as an `argparse.Namespace`; storages are tagged cuda:0.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
+    """A checkpoint (`.pth`) as the converter reads it (its `args` is an `argparse.Namespace`, its storages are tagged
+    cuda:0), or the inputs and expected outputs (`.pt`)."""
+    if name.endswith(".pth"):
+        return load_checkpoint(FIXTURES / name)
+    return torch.load(FIXTURES / name, weights_only=True)
 
 
 @pytest.fixture(scope="module")
