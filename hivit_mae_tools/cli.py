@@ -45,9 +45,22 @@ def raise_usage_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def _one_line(error: BaseException) -> str:
     text = str(error) or type(error).__name__
+    if "Traceback (most recent call last)" in text:
+        # Re-raised from a DataLoader worker: the message carries the worker's traceback; its last line is the error.
+        text = text.strip().splitlines()[-1]
     if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in text:
         text = f"{text}: {error.filename}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _close_progress_bars():
+    """Finish the progress bars an exception left open, so that the error starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
@@ -71,9 +84,11 @@ def run_cli(main: Callable[[list[str]], Any], argv: Optional[list[str]] = None) 
     except KeyboardInterrupt:
         if debug:
             raise
+        _close_progress_bars()
         print("error: interrupted", file=sys.stderr)
         return 130
     except (UserError, OSError, ValueError) as error:
+        _close_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"error: {_one_line(error)}", file=sys.stderr)

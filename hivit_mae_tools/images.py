@@ -154,7 +154,7 @@ def check_image_files(
     workers = num_workers or min(32, os.cpu_count() or 1)
     if workers > 1 and len(todo) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons = list(pool.map(check_image_file, todo, chunksize=64))
+            reasons = list(pool.map(check_image_file, todo))
     else:
         reasons = [check_image_file(path) for path in todo]
     bad.update({path: reason for path, reason in zip(todo, reasons) if reason is not None})

@@ -53,9 +53,9 @@ def check_output_dir(
     """Check an output folder before anything is written and return its real path (a symlink is followed, so that
     the link stays a link).
 
-    Refused with a [`UserError`]: an empty name (an unset shell variable), the current directory or one of its
-    parents, the home directory, a folder that is or contains one of `inputs` (data folders, checkpoint files) or
-    the `source_model` folder, a folder inside an input folder, a dangling symlink, a file, a folder that cannot be
+    Refused with a [`UserError`]: an empty name (an unset shell variable), the current directory, the home directory
+    or one of their parents, a folder that is or contains one of `inputs` (data folders, checkpoint files) or the
+    `source_model` folder, a folder inside an input folder, a dangling symlink, a file, a folder that cannot be
     written; and, with `must_be_empty`, a non-empty folder unless `allow_existing` (the user passed `allow_flag`).
     """
     if output_dir is None or not str(output_dir).strip():
@@ -68,8 +68,8 @@ def check_output_dir(
     if _contains(folder, cwd):
         where = "the current directory" if folder == cwd else "a parent of the current directory"
         raise UserError(f"{flag} {output_dir} is {where}; give a new or empty folder", usage=True)
-    if folder == home or folder == Path(folder.anchor):
-        raise UserError(f"{flag} {output_dir} is your home directory or the file system root", usage=True)
+    if _contains(folder, home) or folder == Path(folder.anchor):
+        raise UserError(f"{flag} {output_dir} is your home directory, one of its parents or the root", usage=True)
     named = [("the source model", source_model)] + [("an input", path) for path in inputs]
     for role, path in named:
         if path is None or not str(path).strip() or not Path(path).expanduser().exists():

@@ -22,7 +22,7 @@ from configuration_hivit_mae import HiViTMAEConfig
 from hivit_mae_tools import images as image_tools
 from hivit_mae_tools.cli import UserError, check_model_path
 from hivit_mae_tools.outputs import STAGING_MARKER, check_output_dir, clean_stale_staging, staged_output
-from hivit_mae_tools.training import COMPLETE_MARKER
+from hivit_mae_tools.training import COMPLETE_MARKER, resolve_resume
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining, HiViTMAEModel
 
 
@@ -231,9 +231,10 @@ def test_output_dir_rules(tmp_path, monkeypatch):
     for output_dir, message in refused.items():
         with pytest.raises(UserError, match=message):
             check_output_dir(output_dir, inputs=inputs, source_model=tmp_path / "model")
-    monkeypatch.chdir(tmp_path / "model")
-    with pytest.raises(UserError, match="home directory"):
-        check_output_dir("~")
+    monkeypatch.chdir(tmp_path.parent)  # outside the fake home
+    for home in ("~", str(tmp_path)):
+        with pytest.raises(UserError, match="home directory"):
+            check_output_dir(home)
 
     assert check_output_dir(work / "new") == work / "new"
     (work / "full").mkdir()
@@ -355,6 +356,24 @@ def test_resume_latest_skips_a_half_written_checkpoint(folders, tmp_path, capsys
     assert_one_error(status, err, "is not a folder", 1)
 
 
+def test_resume_latest_without_markers_uses_the_trainers_last_file(tmp_path):
+    """Checkpoints written by a plain Trainer have no marker: complete when `trainer_state.json`, the last file the
+    Trainer writes, is readable."""
+    from transformers import TrainingArguments
+
+    for step, state in ((1, "{}"), (2, "{}"), (3, '{"global_step": 3, "log_hist')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-4").mkdir()  # killed before its trainer state
+    args = TrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="latest", report_to="none")
+    assert resolve_resume(args) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")  # a run with markers: only marked ones count
+    assert resolve_resume(args) == str(tmp_path / "checkpoint-1")
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-3")
+    with pytest.raises(UserError, match="checkpoint-3 is incomplete"):
+        resolve_resume(args)
+
+
 # ------------------------------------------------------------------------------------------------------ images
 def test_bad_images_are_listed_before_training_or_skipped(tmp_path, capsys, caplog, monkeypatch):
     """Issue 9: corrupt, empty and text-named-.jpg files are all listed before training starts; --skip_bad_images
@@ -384,6 +403,22 @@ def test_bad_images_are_listed_before_training_or_skipped(tmp_path, capsys, capl
     os.utime(folder / "001.png", ns=(0, 0))
     image_tools.check_image_files(sorted(map(str, folder.glob("0*.png"))))
     assert decoded == [str(folder / "001.png")]
+
+
+def test_unreadable_image_in_a_dataset_is_one_line_also_from_a_worker(folders, tmp_path, capsys):
+    """Images stored as bytes (a Hub-style dataset) are decoded when their batch comes; an unreadable one, raised in
+    a dataloader worker, still ends in one `error:` line naming it."""
+    import datasets
+
+    good = (folders / "train" / "000.png").read_bytes()
+    rows = [{"bytes": good, "path": "good.png"}] * 3 + [{"bytes": b"not an image", "path": "bad.png"}]
+    (tmp_path / "data").mkdir()
+    dataset = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()}))
+    dataset.to_parquet(str(tmp_path / "data" / "train.parquet"))
+    args = pretrain_args(folders / "train", tmp_path / "out", "--dataloader_num_workers", "1", "--augment", "False")
+    args[:2] = ["--dataset_name", str(tmp_path / "data")]
+    status, err = run(run_pretraining.cli, args, capsys)
+    assert_one_error(status, err, r"cannot read image 'bad.png': not an image file$", 1)
 
 
 def test_parallel_check_finds_the_same_files(tmp_path):
