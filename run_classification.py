@@ -25,6 +25,7 @@ Hub dataset with an image and a class-label column). Evaluation uses `--validati
 
 import logging
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,19 +37,26 @@ import transformers
 from datasets import Dataset, load_dataset
 from torchvision import transforms
 from torchvision.transforms import v2
-from transformers import BitImageProcessor, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import BitImageProcessor, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
+from hivit_mae_tools.cli import UserError, check_model_path, run_cli
 from hivit_mae_tools.conversion.writer import IMAGENET_MEAN, IMAGENET_STD, preprocessor_config
+from hivit_mae_tools.images import check_dataset_images, load_image
+from hivit_mae_tools.outputs import staged_output
+from hivit_mae_tools.training import (
+    CheckpointCompleteCallback,
+    check_training_output,
+    parse_training_args,
+    resolve_resume,
+)
 from modeling_hivit_mae import HiViTMAEForImageClassification
 from run_pretraining import (
     apply_config_overrides,
     check_image_folder,
     find_image_column,
-    load_image,
     parse_config_overrides,
-    resolve_resume,
     scale_learning_rate,
 )
 
@@ -131,6 +139,13 @@ class DataArguments:
     augment: bool = field(
         default=True, metadata={"help": "RandAugment and RandomErasing (random crop and flip are always on)."}
     )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop the files of --train_dir / --validation_dir that cannot be decoded (and say how many) "
+            "instead of stopping before training with their list."
+        },
+    )
 
 
 def load_splits(data_args: DataArguments, cache_dir: Optional[str]) -> tuple[Dataset, Optional[Dataset]]:
@@ -146,10 +161,15 @@ def load_splits(data_args: DataArguments, cache_dir: Optional[str]) -> tuple[Dat
 
         def load(folder: str) -> Dataset:
             check_image_folder(folder)
-            return load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
+            dataset = load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
+            # Every file decoded once before training; then decoded again in our transform, naming the file.
+            column = find_image_column(dataset, data_args.image_column_name)
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+            flag = "--train_dir" if folder == data_args.train_dir else "--validation_dir"
+            return check_dataset_images(dataset, column, f"{flag} {folder}", data_args.skip_bad_images)
 
     else:
-        raise ValueError("Give the labelled training images: --train_dir or --dataset_name")
+        raise UserError("give the labelled training images: --train_dir or --dataset_name", usage=True)
     train = load(sources[0])
     validation = load(sources[1]) if sources[1] else None
     if validation is None and data_args.validation_fraction > 0:
@@ -175,14 +195,19 @@ def find_label_column(dataset: Dataset, requested: Optional[str]) -> str:
 
 
 class LabelledImageTransform:
-    """`dataset.set_transform` function: decode and transform a batch of rows into `pixel_values` and `labels`."""
+    """`dataset.set_transform` function: decode and transform a batch of rows into `pixel_values` and `labels`;
+    `label_map[i]` is the training class index of the dataset's class `i` (validation classes are matched by name)."""
 
-    def __init__(self, image_column: str, label_column: str, transform, num_labels: int):
+    def __init__(
+        self, image_column: str, label_column: str, transform, num_labels: int, label_map: Optional[list[int]] = None
+    ):
         self.image_column, self.label_column = image_column, label_column
-        self.transform, self.num_labels = transform, num_labels
+        self.transform, self.num_labels, self.label_map = transform, num_labels, label_map
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         labels = batch[self.label_column]
+        if self.label_map is not None:
+            labels = [self.label_map[label] for label in labels]
         wrong = [label for label in labels if not 0 <= label < self.num_labels]
         if wrong:
             raise ValueError(f"class label {wrong[0]} is outside 0 .. {self.num_labels - 1}")
@@ -281,6 +306,35 @@ def accuracy(prediction) -> dict[str, float]:
     return metrics
 
 
+def class_names(dataset: Dataset, label_column: str) -> Optional[list[str]]:
+    """The class names of a `ClassLabel` column (None for plain integer labels); duplicates are refused, since
+    `label2id` would silently lose a class."""
+    feature = dataset.features[label_column]
+    if not isinstance(feature, datasets.ClassLabel):
+        return None
+    duplicated = sorted({name for name in feature.names if feature.names.count(name) > 1})
+    if duplicated:
+        raise UserError(f"class names {duplicated} occur more than once in column {label_column!r}")
+    return list(feature.names)
+
+
+def validation_label_map(train_names: list[str], validation_names: Optional[list[str]]) -> Optional[list[int]]:
+    """Map the validation set's class indices to the training set's by class name. Classes that only one of the two
+    sets has are refused with their names: scoring by position would compare different classes."""
+    if validation_names is None:
+        return None
+    unknown = [name for name in validation_names if name not in train_names]
+    missing = [name for name in train_names if name not in validation_names]
+    if unknown or missing:
+        raise UserError(
+            "the validation classes do not match the training classes:"
+            + (f" not in training: {unknown}" if unknown else "")
+            + (";" if unknown and missing else "")
+            + (f" missing from validation: {missing}" if missing else "")
+        )
+    return [train_names.index(name) for name in validation_names]
+
+
 def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HiViTMAEForImageClassification:
     config = HiViTMAEConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     size = (config.hidden_size, config.depths)
@@ -322,26 +376,37 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HiViTMA
 def main(args: Optional[list[str]] = None) -> dict[str, float]:
     """Parse `args` (default: the command line), fine-tune, evaluate and return the final metrics."""
     user_args = list(sys.argv[1:] if args is None else args)
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=RECIPE_ARGS + user_args)
+    model_args, data_args, training_args = parse_training_args(
+        (ModelArguments, DataArguments, TrainingArguments), RECIPE_ARGS + user_args
+    )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     datasets.utils.logging.set_verbosity(logging.WARNING)
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
     total_batch = scale_learning_rate(training_args, user_args, model_args.base_learning_rate, 512)
     resume = resolve_resume(training_args)
+    check_training_output(
+        training_args,
+        resume,
+        inputs=[data_args.train_dir, data_args.validation_dir],
+        source_model=model_args.model_name_or_path,
+    )
+    check_model_path(model_args.model_name_or_path)
     set_seed(training_args.seed)
 
     train, validation = load_splits(data_args, model_args.cache_dir)
     image_column = find_image_column(train, data_args.image_column_name)
     label_column = find_label_column(train, data_args.label_column_name)
-    feature = train.features[label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        id2label = dict(enumerate(feature.names))
+    names = class_names(train, label_column)
+    if names is not None:
+        id2label = dict(enumerate(names))
     else:
         id2label = {index: f"LABEL_{index}" for index in range(max(train[label_column]) + 1)}
     if len(id2label) < 2:
         raise ValueError(f"The training set has {len(id2label)} class; classification needs at least 2")
+    if validation is not None:
+        validation_label_column = find_label_column(validation, data_args.label_column_name)
+        label_map = validation_label_map(names, class_names(validation, validation_label_column)) if names else None
     if validation is None and training_args.eval_strategy != IntervalStrategy.NO:
         training_args.eval_strategy = IntervalStrategy.NO
         logger.info("No validation set (--validation_dir, --validation_split, --validation_fraction): no evaluation")
@@ -360,9 +425,10 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         validation.set_transform(
             LabelledImageTransform(
                 find_image_column(validation, data_args.image_column_name),
-                find_label_column(validation, data_args.label_column_name),
+                validation_label_column,
                 ProcessorTransform(processor),
                 num_labels,
+                label_map,
             )
         )
     logger.info(
@@ -384,9 +450,13 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         compute_metrics=accuracy,
         label_smoothing=model_args.label_smoothing,
         mix=batch_mix(num_labels, model_args.mixup_alpha, model_args.cutmix_alpha),
+        callbacks=[CheckpointCompleteCallback()],
     )
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
+    # The final model goes to a staging folder and moves into place once complete.
+    is_main = trainer.is_world_process_zero()
+    with staged_output(training_args.output_dir) if is_main else nullcontext(training_args.output_dir) as final_dir:
+        trainer.save_model(str(final_dir))
     metrics = dict(result.metrics)
     trainer.log_metrics("train", metrics)
     if validation is not None:
@@ -398,5 +468,11 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
     return metrics
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    """Console entry point (`hivit-mae-finetune`): exit status, one `error:` line for bad input (`--debug`: the
+    traceback)."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -17,11 +17,10 @@ photographs that ship with scikit-image, ending with a before/after reconstructi
     torchrun --nproc_per_node 8 run_pretraining.py --dataset_name ILSVRC/imagenet-1k ...
 """
 
+import contextlib
 import dataclasses
-import io
 import json
 import logging
-import os
 import re
 import shlex
 import sys
@@ -38,16 +37,23 @@ from PIL import Image
 from torchvision import transforms
 from transformers import (
     BitImageProcessor,
-    HfArgumentParser,
     Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
+from hivit_mae_tools.cli import UserError, check_model_path, run_cli
 from hivit_mae_tools.conversion.writer import preprocessor_config
+from hivit_mae_tools.images import check_dataset_images, load_image
+from hivit_mae_tools.outputs import staged_output
+from hivit_mae_tools.training import (
+    CheckpointCompleteCallback,
+    check_training_output,
+    parse_training_args,
+    resolve_resume,
+)
 from modeling_hivit_mae import HiViTMAEForPreTraining
 from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD, stack_vertically, visualize
 
@@ -132,7 +138,10 @@ class ModelArguments:
 
     arch: str = field(
         default="base",
-        metadata={"help": f"HiViT size to build from scratch, one of {sorted(HIVIT_ARCHS)} (the demo uses tiny)."},
+        metadata={
+            "help": f"HiViT size to build from scratch, one of {sorted(HIVIT_ARCHS)} (the demo uses tiny).",
+            "choices": sorted(HIVIT_ARCHS),
+        },
     )
     model_name_or_path: Optional[str] = field(
         default=None,
@@ -200,28 +209,16 @@ class DataTrainingArguments:
         default=True,
         metadata={"help": "Write reconstruction figures (before/after training) into the output folder."},
     )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop the files of --train_dir that cannot be decoded (and say how many) instead of stopping "
+            "before training with their list."
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def load_image(value: Any) -> Image.Image:
-    """Decode one value of an image column (PIL image, `{"bytes", "path"}` dict or file path) to RGB, with an error
-    that names the file when it cannot be read."""
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    path, data = None, None
-    if isinstance(value, dict):
-        path, data = value.get("path"), value.get("bytes")
-    elif isinstance(value, (str, os.PathLike)):
-        path = value
-    else:
-        raise ValueError(f"Image column holds a {type(value).__name__}, expected an image, bytes or a path")
-    try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot read image {path or '<bytes>'!r}: {error}") from error
-
-
 def build_transform(image_size: int, augment: bool = True, crop_min_scale: float = 0.2) -> transforms.Compose:
     """mmpretrain's MAE pipeline (RandomResizedCrop bicubic + flip) followed by ImageNet normalisation."""
     normalize = transforms.Normalize(IMAGE_MEAN, IMAGE_STD)
@@ -271,8 +268,8 @@ def builtin_images(names=BUILTIN_IMAGES, max_side: int = 320) -> dict[str, Image
     try:
         from skimage import data as skimage_data
     except ImportError as error:
-        raise ImportError(
-            "The built-in demo trains on scikit-image's sample photographs: `pip install scikit-image`, or pass "
+        raise UserError(
+            "the built-in demo trains on scikit-image's sample photographs: `pip install scikit-image`, or pass "
             "--train_dir / --dataset_name"
         ) from error
     images = {}
@@ -350,6 +347,9 @@ def load_train_dataset(data_args: DataTrainingArguments, model_args: ModelArgume
     if isinstance(dataset.features[column], datasets.Image):
         # Decode in our transform, so that an unreadable file is reported with its path.
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    if data_args.train_dir is not None:
+        where = f"--train_dir {data_args.train_dir}"
+        dataset = check_dataset_images(dataset, column, where, data_args.skip_bad_images)
     if data_args.masking_seed is not None:
         dataset = dataset.add_column("sample_index", list(range(len(dataset))))
     return dataset, column, source
@@ -409,28 +409,6 @@ class RankSeedCallback(TrainerCallback):
             torch.manual_seed(args.seed + args.process_index)
 
 
-def resolve_resume(training_args: TrainingArguments) -> Optional[str]:
-    """The checkpoint folder to resume from: `--resume_from_checkpoint latest` (or `true` / `last`) means the last
-    one in `--output_dir`; a path must be a folder. Warns when a fresh run starts beside existing checkpoints."""
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "latest", "last"):
-        output_dir = training_args.output_dir
-        resume = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if resume is None:
-            raise ValueError(
-                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in "
-                f"{training_args.output_dir}"
-            )
-    elif resume is not None and not Path(resume).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder")
-    elif resume is None and os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
-        logger.warning(
-            "%s already holds checkpoints; this run starts afresh (pass --resume_from_checkpoint latest to continue)",
-            training_args.output_dir,
-        )
-    return resume
-
-
 def scale_learning_rate(
     training_args: TrainingArguments, user_args: list[str], base_learning_rate: float, per_images: int
 ) -> int:
@@ -454,13 +432,16 @@ def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
         return {}
     text = text.strip()
     if text.startswith("{"):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--config_overrides is not a valid JSON object: {error}", usage=True) from error
     overrides = {}
     for item in re.split(r",(?![^\[]*\])", text):
         if not item.strip():
             continue
         if "=" not in item:
-            raise ValueError(f"--config_overrides item {item!r} is not of the form key=value")
+            raise UserError(f"--config_overrides item {item!r} is not of the form key=value", usage=True)
         key, value = (part.strip() for part in item.split("=", 1))
         try:
             overrides[key] = json.loads(value.replace("True", "true").replace("False", "false"))
@@ -470,12 +451,15 @@ def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
 
 
 def apply_config_overrides(config: HiViTMAEConfig, overrides: dict[str, Any]):
-    """Set `overrides` on a loaded config; unknown fields and invalid architectures raise `ValueError`."""
+    """Set `overrides` on a loaded config; unknown fields and invalid architectures raise a usage `UserError`."""
     for key, value in overrides.items():
         if not hasattr(config, key):
-            raise ValueError(f"--config_overrides: HiViTMAEConfig has no field {key!r}")
+            raise UserError(f"--config_overrides: HiViTMAEConfig has no field {key!r}", usage=True)
         setattr(config, key, value)
-    config.validate_architecture()
+    try:
+        config.validate_architecture()
+    except ValueError as error:
+        raise UserError(str(error), usage=True) from error
 
 
 def build_model(model_args: ModelArguments) -> HiViTMAEForPreTraining:
@@ -485,6 +469,7 @@ def build_model(model_args: ModelArguments) -> HiViTMAEForPreTraining:
     if model_args.norm_pix_loss is not None:
         overrides["norm_pix_loss"] = model_args.norm_pix_loss
     if model_args.model_name_or_path:
+        check_model_path(model_args.model_name_or_path)
         config = HiViTMAEConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
         apply_config_overrides(config, overrides)
         return HiViTMAEForPreTraining.from_pretrained(
@@ -492,8 +477,12 @@ def build_model(model_args: ModelArguments) -> HiViTMAEForPreTraining:
         )
     unknown = [key for key in overrides if not hasattr(HiViTMAEConfig(), key)]
     if unknown:
-        raise ValueError(f"--config_overrides: HiViTMAEConfig has no field(s) {unknown}")
-    return HiViTMAEForPreTraining(HiViTMAEConfig.from_arch(model_args.arch, **overrides))
+        raise UserError(f"--config_overrides: HiViTMAEConfig has no field(s) {unknown}", usage=True)
+    try:
+        config = HiViTMAEConfig.from_arch(model_args.arch, **overrides)
+    except ValueError as error:
+        raise UserError(str(error), usage=True) from error
+    return HiViTMAEForPreTraining(config)
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -543,16 +532,14 @@ model = AutoModelForPreTraining.from_pretrained("PATH_OR_HUB_ID", trust_remote_c
 def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallback]] = None) -> dict[str, Any]:
     """Parse `args` (default: the command line), pre-train and return a summary (losses, timings, paths)."""
     user_args = list(sys.argv[1:] if args is None else args)
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=RECIPE_ARGS + user_args)
+    types = (ModelArguments, DataTrainingArguments, TrainingArguments)
+    model_args, data_args, training_args = parse_training_args(types, RECIPE_ARGS + user_args)
     demo = data_args.dataset_name is None and data_args.train_dir is None
     if demo:
         defaults = DEMO_ARGS + ["--arch", "tiny"]
         if model_args.model_name_or_path is None:
             defaults += ["--config_overrides", DEMO_CONFIG_OVERRIDES]
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-            args=RECIPE_ARGS + defaults + user_args
-        )
+        model_args, data_args, training_args = parse_training_args(types, RECIPE_ARGS + defaults + user_args)
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -574,6 +561,9 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     )
 
     resume = resolve_resume(training_args)
+    check_training_output(
+        training_args, resume, inputs=[data_args.train_dir], source_model=model_args.model_name_or_path
+    )
     set_seed(training_args.seed)
     model = build_model(model_args)
     config = model.config
@@ -614,12 +604,11 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         processing_class=BitImageProcessor(**settings),
         train_dataset=train_dataset,
         data_collator=collate_fn,
-        callbacks=[RankSeedCallback(), *(callbacks or [])],
+        callbacks=[RankSeedCallback(), CheckpointCompleteCallback(), *(callbacks or [])],
     )
     start = time.time()
     train_result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.time() - start
-    trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
@@ -638,42 +627,47 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
             "total_batch": total_batch,
         }
     )
-    if trainer.is_world_process_zero():
-        if figure_images is not None:
-            after, summary["figure_loss_after"] = visualize(
-                trainer.model, figure_images, title=f"step {trainer.state.global_step}"
+    # The final model, figures, card and summary go to a staging folder and move into place together at the end.
+    with staged_output(output_dir) if is_main else contextlib.nullcontext(output_dir) as final_dir:
+        trainer.save_model(str(final_dir))
+        if is_main:
+            if figure_images is not None:
+                after, summary["figure_loss_after"] = visualize(
+                    trainer.model, figure_images, title=f"step {trainer.state.global_step}"
+                )
+                after.save(final_dir / "reconstruction.png", optimize=True)
+                if (output_dir / "reconstruction_step0.png").exists():
+                    with Image.open(output_dir / "reconstruction_step0.png") as before:
+                        stack_vertically([before.convert("RGB"), after]).save(
+                            final_dir / "reconstruction_before_after.png", optimize=True
+                        )
+                    summary["figure"] = str(output_dir / "reconstruction_before_after.png")
+            table = summary["table"]
+            table["training data"] = source + (f" ({len(train_dataset)} samples)" if demo else "")
+            table["steps"] = trainer.state.global_step
+            table["total batch"] = f"{total_batch} ({training_args.world_size} process(es))"
+            table["learning rate"] = (
+                f"{training_args.learning_rate:.3g} (base {model_args.base_learning_rate:g} x batch / 256)"
             )
-            after.save(output_dir / "reconstruction.png", optimize=True)
-            if (output_dir / "reconstruction_step0.png").exists():
-                with Image.open(output_dir / "reconstruction_step0.png") as before:
-                    stack_vertically([before.convert("RGB"), after]).save(
-                        output_dir / "reconstruction_before_after.png", optimize=True
-                    )
-                summary["figure"] = str(output_dir / "reconstruction_before_after.png")
-        table = summary["table"]
-        table["training data"] = source + (f" ({len(train_dataset)} samples)" if demo else "")
-        table["steps"] = trainer.state.global_step
-        table["total batch"] = f"{total_batch} ({training_args.world_size} process(es))"
-        table["learning rate"] = (
-            f"{training_args.learning_rate:.3g} (base {model_args.base_learning_rate:g} x batch / 256)"
-        )
-        table["optimizer"] = (
-            f"AdamW betas ({training_args.adam_beta1}, {training_args.adam_beta2}), weight decay "
-            f"{training_args.weight_decay} (none on norms, biases, position tables, mask token)"
-        )
-        scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
-        table["schedule"] = f"{scheduler} with linear warm-up"
-        if summary["first_loss"] is not None:
-            table["train loss (first / last logged)"] = f"{summary['first_loss']:.4f} / {summary['last_loss']:.4f}"
-        if "figure_loss_after" in summary:
-            before_text = f"{summary['figure_loss_before']:.4f} -> " if "figure_loss_before" in summary else ""
-            table["loss on figure images, fixed masks"] = before_text + f"{summary['figure_loss_after']:.4f}"
-        table["training time"] = f"{elapsed / 60:.1f} min"
-        command = "python run_pretraining.py " + " ".join(shlex.quote(arg) for arg in user_args)
-        trainer.model_card_text = model_card(
-            model, model_args, data_args, training_args, source, summary, command.strip()
-        )
-        (output_dir / "pretraining_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            table["optimizer"] = (
+                f"AdamW betas ({training_args.adam_beta1}, {training_args.adam_beta2}), weight decay "
+                f"{training_args.weight_decay} (none on norms, biases, position tables, mask token)"
+            )
+            scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+            table["schedule"] = f"{scheduler} with linear warm-up"
+            if summary["first_loss"] is not None:
+                table["train loss (first / last logged)"] = f"{summary['first_loss']:.4f} / {summary['last_loss']:.4f}"
+            if "figure_loss_after" in summary:
+                before_text = f"{summary['figure_loss_before']:.4f} -> " if "figure_loss_before" in summary else ""
+                table["loss on figure images, fixed masks"] = before_text + f"{summary['figure_loss_after']:.4f}"
+            table["training time"] = f"{elapsed / 60:.1f} min"
+            command = "python run_pretraining.py " + " ".join(shlex.quote(arg) for arg in user_args)
+            trainer.model_card_text = model_card(
+                model, model_args, data_args, training_args, source, summary, command.strip()
+            )
+            (final_dir / "README.md").write_text(trainer.model_card_text, encoding="utf-8")
+            (final_dir / "pretraining_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if is_main:
         logger.info(
             "Done in %.1f s: loss %s -> %s; model in %s",
             elapsed,
@@ -683,10 +677,14 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         )
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["hivit", "mae", "image-pretraining"])
-    else:
-        trainer.create_model_card()
     return summary
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    """Console entry point (`hivit-mae-pretrain`): exit status, one `error:` line for bad input (`--debug`: the
+    traceback)."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

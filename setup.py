@@ -11,7 +11,6 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=find_packages(include=["hivit_mae_tools", "hivit_mae_tools.*"]),
     py_modules=[
         "configuration_hivit_mae",
         "modeling_hivit_mae",
@@ -20,6 +19,16 @@ setup(
         "run_classification",
         "visualize_reconstruction",
     ],
+    packages=find_packages(include=["hivit_mae_tools", "hivit_mae_tools.*"]),
+    # Prefixed names: nothing else on a user's PATH is called hivit-mae-*.
+    entry_points={
+        "console_scripts": [
+            "hivit-mae-convert = convert_checkpoint:main",
+            "hivit-mae-pretrain = run_pretraining:cli",
+            "hivit-mae-finetune = run_classification:cli",
+            "hivit-mae-visualize = visualize_reconstruction:cli",
+        ],
+    },
     install_requires=[
         "torch>=2.1",
         "transformers>=4.57",

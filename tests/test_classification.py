@@ -167,14 +167,14 @@ def test_hub_style_dataset_and_bad_data(data, tmp_path):
         )
         return str(folder)
 
-    def args_for(dataset, *extra):
-        args = run_args(data, tmp_path / "run", "--max_steps", "1", *extra)
+    def args_for(dataset, *extra, output_dir=tmp_path / "refused"):
+        args = run_args(data, output_dir, "--max_steps", "1", *extra)
         start = args.index("--train_dir")
         del args[start : start + 4]  # --train_dir and --validation_dir
         return args + ["--dataset_name", dataset]
 
     three = save_dataset(tmp_path / "three", [0, 1, 2, 1] * 3, ["a", "b", "c"])
-    metrics = run_classification.main(args_for(three, "--validation_fraction", "0.25"))
+    metrics = run_classification.main(args_for(three, "--validation_fraction", "0.25", output_dir=tmp_path / "run"))
     assert 0 <= metrics["eval_accuracy"] <= 1
     assert json.loads((tmp_path / "run" / "config.json").read_text())["id2label"] == {"0": "a", "1": "b", "2": "c"}
 
@@ -184,7 +184,7 @@ def test_hub_style_dataset_and_bad_data(data, tmp_path):
     with pytest.raises(ValueError, match="--label_column_name 'label' is not a column"):
         run_classification.main(args_for(three, "--label_column_name", "label"))
     with pytest.raises(ValueError, match="does not fit the fine-tuning config: other shapes for .*position"):
-        run_classification.main(run_args(data, tmp_path / "run", "--config_overrides", "image_size=96"))
+        run_classification.main(run_args(data, tmp_path / "refused", "--config_overrides", "image_size=96"))
     with pytest.raises(ValueError, match="--train_dir or --dataset_name"):
         run_classification.main(args_for(three)[:-2])
 

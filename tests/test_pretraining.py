@@ -352,7 +352,7 @@ def test_visualize_reconstruction_writes_png(tmp_path):
     assert masked.float().mean() > 0.5
     assert pasted_on_visible.masked_fill(masked, 0).abs().max() == 0
 
-    with pytest.raises(ValueError, match="Cannot read image"):
+    with pytest.raises(ValueError, match="cannot read image"):
         visualize_reconstruction.load_image(tmp_path / "model" / "config.json")
 
 
@@ -369,7 +369,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 def test_unreadable_image_is_named_in_the_error(tmp_path):
     folder = make_images(tmp_path / "train", 3)
     (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
-    with pytest.raises(ValueError, match=r"Cannot read image .*broken\.jpg"):
+    with pytest.raises(ValueError, match=r"1 unreadable image file.*broken\.jpg: not an image file"):
         run_pretraining.main(
             base_args(folder, tmp_path / "out", "--max_steps", "2", "--reconstruction_figure", "False")
         )
