@@ -153,6 +153,10 @@ def _move_into(staging: Path, folder: Path):
 def _new_staging(folder: Path) -> Path:
     prefix = f".{folder.name}{STAGING_TAG}{socket.gethostname()}-{os.getpid()}-"
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
+    # mkdtemp makes a private (0700) folder; once renamed into place it should be as readable as any new folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     (staging / STAGING_MARKER).touch()
     return staging
 

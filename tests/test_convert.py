@@ -5,6 +5,7 @@ a small custom HiViT built by mmpretrain itself; one converts mmpretrain's `tiny
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -224,7 +225,7 @@ def test_allow_unused_and_overwrite(tmp_path, capsys, small_state_dict):
     (folder / "old.txt").write_text("from an earlier conversion")
     args = ["--checkpoint", path, "--output_dir", folder, "--allow-unused", "normalisation constants, not weights"]
     status, _, err = run_main(args, capsys)
-    assert_refused(status, err, r"exists and is not empty.*--overwrite")
+    assert_refused(status, err, r"is not empty.*--overwrite")
     assert (folder / "old.txt").exists()
 
     status, out, err = run_main(args + ["--overwrite"], capsys)
@@ -370,10 +371,9 @@ def test_bad_weights_and_options(tmp_path, capsys, small_state_dict):
         ("--layer_norm_eps", "0", r"--layer_norm_eps: must be a positive float"),
         ("--max_shard_size", "abc", r"--max_shard_size: must be a size such as 500MB or 5GB, not 'abc'"),
     ]:
-        with pytest.raises(SystemExit) as exit_info:
-            convert_checkpoint.main(["--checkpoint", str(path), "--output_dir", str(folder), option, value])
-        assert exit_info.value.code == 2
-        assert_refused(1, capsys.readouterr().err, pattern, folder)
+        status = convert_checkpoint.main(["--checkpoint", str(path), "--output_dir", str(folder), option, value])
+        assert status == 2  # a usage error
+        assert_refused(status, capsys.readouterr().err, pattern, folder)
 
     # The Python API: overrides are checked before a config is built from them.
     for value in (0, "128", 12.0):
@@ -629,6 +629,9 @@ def test_classifier_labels_and_refusals(tmp_path, capsys, small_classifier, smal
     assert_refused(status, err, r"dataset_meta.classes names 3 classes but the classification head has 5", folder)
     status, _, err = run_main(["--checkpoint", path, "--output_dir", folder, "--labels", tmp_path / "nope"], capsys)
     assert_refused(status, err, r"--labels .*nope: cannot be read", folder)
+    labels.write_text("cat\ndog\ncat\nfish\nfrog\n")  # label2id would lose a class
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", folder, "--labels", labels], capsys)
+    assert_refused(status, err, r"the class names cat stand for more than one class", folder)
 
     # A head that does not fit the encoder, a head beside an MAE decoder, labels for a model without a head.
     wrong_head = {"head.fc.weight": torch.zeros(5, 32), "head.fc.bias": torch.zeros(5)}
@@ -641,6 +644,52 @@ def test_classifier_labels_and_refusals(tmp_path, capsys, small_classifier, smal
     torch.save(small_state_dict, path)
     status, _, err = run_main(["--checkpoint", path, "--output_dir", folder, "--labels", labels], capsys)
     assert_refused(status, err, r"--labels names classes, but the checkpoint has no classification head", folder)
+
+
+def test_output_folder_never_costs_the_user_a_file(tmp_path, capsys, small_state_dict, monkeypatch):
+    """Issue #11 items 1, 2 and 12: the converter refuses output folders that would delete the user's files, keeps a
+    symlinked output folder a symlink, and cleans up what a killed conversion left behind (and nothing else)."""
+    source = tmp_path / "out" / "in"
+    source.mkdir(parents=True)
+    path = source / "model.pth"
+    torch.save(small_state_dict, path)
+    (source / "notes.txt").write_text("the user's")
+    monkeypatch.chdir(source)
+    for output_dir, pattern in [
+        ("", r"--output_dir is empty"),  # an unset shell variable
+        (".", r"is the current directory"),
+        (tmp_path / "out", r"is a parent of the current directory"),
+        (source, r"is the current directory"),
+    ]:
+        status, _, err = run_main(["--checkpoint", path, "--output_dir", output_dir, "--overwrite"], capsys)
+        assert status == 2 and re.fullmatch(rf"error: .*{pattern}.*\n", err), err
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", source, "--overwrite"], capsys)
+    assert status == 2 and re.fullmatch(r"error: --output_dir .* contains an input .*model\.pth.*\n", err), err
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", tmp_path / "out", "--overwrite"], capsys)
+    assert status == 2 and "contains an input" in err, err
+    assert sorted(entry.name for entry in source.iterdir()) == ["model.pth", "notes.txt"]
+
+    # A symlinked output folder stays a link; the folder it points to receives the model. A dangling one is refused.
+    target, link = tmp_path / "target", tmp_path / "link"
+    target.mkdir()
+    link.symlink_to(target)
+    # A staging folder of a conversion killed earlier (our name pattern and marker, a process that is gone) is removed;
+    # a look-alike without our marker is the user's and stays.
+    dead = tmp_path / f".target.hivit-mae-staging-{socket.gethostname()}-999999999-x"
+    dead.mkdir()
+    (dead / ".hivit-mae-staging").touch()
+    lookalike = tmp_path / f".target.hivit-mae-staging-{socket.gethostname()}-999999999-y"
+    lookalike.mkdir()
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", link], capsys)
+    assert status == 0, err
+    assert link.is_symlink() and (target / "config.json").is_file()
+    assert not dead.exists() and lookalike.exists()
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    status, _, err = run_main(["--checkpoint", path, "--output_dir", dangling], capsys)
+    assert status == 1 and re.fullmatch(r"error: --output_dir .*dangling is a symlink to .*nowhere.*\n", err), err
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,13 @@
 """The converter's command line: `python convert_checkpoint.py --checkpoint FILE --output_dir FOLDER`.
 
 Loads the checkpoint safely, picks the source format whose `detect` accepts it (`FORMATS`), converts it, writes and
-verifies the folder, and optionally uploads it. Every refusal is one `error: ...` line and exit status 1.
+verifies the folder, and optionally uploads it. Every refusal is one `error: ...` line, exit status 2 for a bad
+argument and 1 otherwise (`--debug` shows the traceback instead).
 """
 
 import argparse
 import collections.abc
 import dataclasses
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -17,8 +15,10 @@ import torch
 
 from configuration_hivit_mae import HIVIT_ARCHS
 
+from ..cli import raise_usage_errors, run_cli
+from ..outputs import check_output_dir, staged_output
 from . import card, mmpretrain, original, writer
-from .safe_load import load_checkpoint, sha256sum
+from .safe_load import check_checkpoint_file, load_checkpoint, sha256sum
 from .types import CheckpointError, ConversionOptions, ConversionReport
 
 # The source formats, tried in order: the first whose `detect` accepts the loaded checkpoint converts it. mmpretrain's
@@ -69,11 +69,20 @@ def convert(
     """Convert `checkpoint_path` into the `from_pretrained` folder `output_dir`; see the command-line help.
     `options` go to the source format (`allow_unused` and `labels` are set from `allow_unused` and `labels_file`).
 
-    The folder is written next to `output_dir` under a temporary name, verified, and only then moved into place.
-    Raises `CheckpointError` with a one-line reason for anything that cannot be converted.
+    `output_dir` is checked before anything is read (`hivit_mae_tools.outputs.check_output_dir`: never the current or
+    home directory, never a folder holding the checkpoint or the labels, a non-empty one only with `overwrite`); the
+    folder is written next to it under a temporary name, verified, and only then moved into place. Raises a
+    `UserError` (`CheckpointError` for the checkpoint itself) with a one-line reason for anything that cannot be
+    converted.
     """
-    checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir).absolute()
-    writer.prepare_output(output_dir, overwrite)
+    checkpoint_path = check_checkpoint_file(checkpoint_path)
+    output_dir = check_output_dir(
+        output_dir,
+        inputs=[checkpoint_path, labels_file],
+        must_be_empty=True,
+        allow_existing=overwrite,
+        allow_flag="--overwrite",
+    )
     options = dataclasses.replace(options or ConversionOptions(), allow_unused=allow_unused is not None)
     if labels_file is not None:
         options.labels = read_labels(labels_file)
@@ -94,6 +103,14 @@ def convert(
             )
         config.id2label = dict(enumerate(options.labels))
         config.label2id = {name: index for index, name in config.id2label.items()}
+    if kind == "classification":
+        names = [config.id2label[index] for index in range(config.num_labels)]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:  # `label2id` would lose a class
+            raise CheckpointError(
+                f"the class names {', '.join(duplicates)} stand for more than one class; give each class its own "
+                "name (--labels FILE, one per line)"
+            )
     if unused and not options.allow_unused:
         more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
         raise CheckpointError(
@@ -117,9 +134,7 @@ def convert(
         + ")",
     )
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with staged_output(output_dir, replace=overwrite) as staging:
         _progress(3, total_steps, f"writing {dtype} weights, config, code and image processor to {staging}")
         writer.save_folder(model, staging, writer.DTYPES[dtype], max_shard_size)
 
@@ -146,22 +161,11 @@ def convert(
             model_id=model_id,
         )
         (staging / "README.md").write_text(card.model_card(report))
-        writer.make_readable(staging)
-        writer.move_into_place(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     checks = f"{checked} tensors identical after reload, forward pass finite"
     if parity:
         checks += f", max abs diff vs mmpretrain {max(parity.values()):.2e}"
     print(f"  {checks}", flush=True)
     return report
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """Usage errors as one `error: ...` line (exit status 2), not the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _positive(kind):
@@ -225,7 +229,7 @@ pre-training (decoder_* keys) or the fine-tuned classifier (fc_norm, head).
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
         description="Convert an MAE-HiViT (or HiViT classifier) checkpoint of mmpretrain or of the original HiViT "
         "repository into a Hugging Face transformers model folder (model.safetensors, config.json, model code, "
@@ -323,11 +327,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--commit-message", dest="commit_message", help="with --push_to_hub: commit message of the upload"
     )
-    return parser.parse_args(argv)
+    return raise_usage_errors(parser).parse_args(argv)
 
 
 def main(argv=None) -> int:
-    """Command-line entry point; returns the exit status (0, or 1 with one `error: ...` line on stderr)."""
+    """Command-line entry point; returns the exit status: 0, or with one `error: ...` line on stderr 2 for a bad
+    argument and 1 for anything else (`--debug` shows the traceback instead)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     from transformers.utils import logging as transformers_logging
 
@@ -340,27 +349,23 @@ def main(argv=None) -> int:
         "norm_pix_loss": args.norm_pix_loss,
     }
     total_steps = 5 if args.push_to_hub else 4
-    try:
-        report = convert(
-            args.checkpoint,
-            args.output_dir,
-            ConversionOptions(arch=args.arch, overrides=overrides, use_ema=args.use_ema),
-            dtype=args.dtype,
-            allow_unused=args.allow_unused,
-            overwrite=args.overwrite,
-            verify_mmpretrain=args.verify_mmpretrain,
-            max_shard_size=args.max_shard_size,
-            dataset=args.dataset,
-            model_id=args.push_to_hub,
-            labels_file=args.labels,
-            total_steps=total_steps,
-        )
-        if args.push_to_hub:
-            _progress(5, total_steps, f"uploading {report.output_dir} to https://huggingface.co/{args.push_to_hub}")
-            writer.push_to_hub(report.output_dir, args.push_to_hub, args.private, args.commit_message)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    report = convert(
+        args.checkpoint,
+        args.output_dir,
+        ConversionOptions(arch=args.arch, overrides=overrides, use_ema=args.use_ema),
+        dtype=args.dtype,
+        allow_unused=args.allow_unused,
+        overwrite=args.overwrite,
+        verify_mmpretrain=args.verify_mmpretrain,
+        max_shard_size=args.max_shard_size,
+        dataset=args.dataset,
+        model_id=args.push_to_hub,
+        labels_file=args.labels,
+        total_steps=total_steps,
+    )
+    if args.push_to_hub:
+        _progress(5, total_steps, f"uploading {report.output_dir} to https://huggingface.co/{args.push_to_hub}")
+        writer.push_to_hub(report.output_dir, args.push_to_hub, args.private, args.commit_message)
     kind = {
         "pretraining": "encoder + decoder",
         "encoder": "encoder only, load with HiViTMAEModel / AutoModel",

@@ -173,6 +173,16 @@ def _check_sizes(path: Path):
             )
 
 
+def check_checkpoint_file(path) -> Path:
+    """`path` as a `Path` if it names an existing file; else `CheckpointError` saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return path
+
+
 def load_checkpoint(path) -> dict:
     """Read a `.pth` / `.safetensors` checkpoint into a dict without executing any pickled code, on the CPU.
 
@@ -182,11 +192,7 @@ def load_checkpoint(path) -> dict:
     else that would need code raises `CheckpointError`, as does a file that declares more data than it holds
     (checked before anything is allocated; storages are then memory-mapped from the file).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    path = check_checkpoint_file(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

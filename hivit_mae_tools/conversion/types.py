@@ -10,8 +10,10 @@ import torch
 
 from configuration_hivit_mae import HiViTMAEConfig
 
+from ..cli import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be converted; the message says why (the command line prints it as one `error:`
     line)."""
 

@@ -2,9 +2,6 @@
 sibling, verified, then moved into place), its image-processor config, dtype and sharding, and the Hub upload."""
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -153,33 +150,6 @@ def save_folder(model: torch.nn.Module, folder: Path, dtype: torch.dtype, max_sh
     with open(folder / "preprocessor_config.json", "w") as file:
         json.dump(preprocessor_config(model.config.image_size), file, indent=2)
         file.write("\n")
-
-
-def prepare_output(output_dir: Path, overwrite: bool):
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CheckpointError(f"--output_dir {output_dir} exists and is not a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite to replace it")
-
-
-def make_readable(folder: Path):
-    """`tempfile.mkdtemp` creates a private (0700) folder; give the output the permissions of the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def move_into_place(staging: Path, output_dir: Path):
-    """Replace `output_dir` by the complete `staging` folder (same parent, so the renames are atomic)."""
-    old = None
-    if output_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, old / output_dir.name)
-    os.replace(staging, output_dir)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
