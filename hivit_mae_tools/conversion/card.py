@@ -17,7 +17,7 @@ def model_card(report: ConversionReport) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     config, conversion = report.config, report.conversion
-    arch = next(
+    arch = conversion.arch or next(
         (
             name
             for name, settings in HIVIT_ARCHS.items()

@@ -347,6 +347,10 @@ def source_description(kind: str) -> str:
     )
 
 
+# The sizes of the original repository's factories (`hivit_base`, `mae_hivit_base_dec512d6b`), by (width, depths).
+ORIGINAL_ARCHS = {(512, (2, 2, 20)): "base"}
+
+
 def convert(checkpoint: dict, options: ConversionOptions) -> SourceConversion:
     """Convert a loaded original HiViT checkpoint (see `detect`). `options.use_ema` takes the `model_ema` weights;
     `options.allow_unused` lets tensors that map nowhere through (listed in `unused`); `options.overrides` set config
@@ -399,10 +403,11 @@ def convert(checkpoint: dict, options: ConversionOptions) -> SourceConversion:
         config=config,
         state_dict=converted,
         kind=kind,
-        unused=left_out + unknown,
+        unused=unknown,  # what `left_out` drops on purpose is explained in `notes`, and needs no --allow-unused
         source_description=source_description(kind),
         notes=notes,
         dataset=dataset,
         license="unknown",
         tags=["original-hivit"],
+        arch=ORIGINAL_ARCHS.get((config.hidden_size, tuple(config.depths))),
     )

@@ -58,12 +58,13 @@ class SourceConversion:
     config: HiViTMAEConfig  # inferred from the weights, overrides applied
     state_dict: dict[str, torch.Tensor]  # keys of HiViTMAEForPreTraining / ...ForImageClassification / HiViTMAEModel
     kind: str  # "pretraining" | "classification" | "encoder"
-    unused: list[str]  # source keys deliberately not converted (reported)
+    unused: list[str]  # source keys that map to no weight, let through by --allow-unused (reported)
     source_description: str  # markdown paragraph for the model card: where the weights come from
     notes: list[str] = field(default_factory=list)  # facts for the card / log (e.g. "model_ema used")
     dataset: Optional[str] = None  # Hub id of the training data set, where the checkpoint tells
     license: str = "other"  # the card's license field: the weights' license as their authors state it
     tags: list[str] = field(default_factory=list)  # extra Hub tags (e.g. the training framework)
+    arch: Optional[str] = None  # the source's own name of the size, where it is one (the card's title)
 
 
 @dataclass
