@@ -4,7 +4,7 @@
 import collections.abc
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -359,8 +359,8 @@ class HiViTMAEPatchMerge(nn.Module):
 
 
 class HiViTMAEStemStage(nn.Module):
-    """One stem stage: `2 * depth` MLP blocks on the stem tokens, then a patch merge. [`HiViTMAEModel`] runs the
-    blocks itself, one after the other, so that no reference holds a stage's input for the whole stage."""
+    """One stem stage: `2 * depth` MLP blocks on the stem tokens, then a patch merge. [`HiViTMAEModel.iter_blocks`]
+    runs the blocks one after the other, so that no reference holds a stage's input for the whole stage."""
 
     def __init__(self, config: HiViTMAEConfig, stage: int, drop_path_rates: list[float]):
         super().__init__()
@@ -384,7 +384,7 @@ class HiViTMAEStemStage(nn.Module):
 
 class HiViTMAEEncoder(nn.Module):
     """The main stage: `depths[-1]` transformer layers on one token per visible patch (run by
-    [`HiViTMAEModel`])."""
+    [`HiViTMAEModel.iter_blocks`])."""
 
     def __init__(self, config: HiViTMAEConfig, drop_path_rates: list[float]):
         super().__init__()
@@ -417,6 +417,18 @@ def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, to
     mask = torch.ones_like(noise)
     mask[:, :num_keep] = 0
     return ids_shuffle[:, :num_keep], ids_restore, torch.gather(mask, 1, ids_restore)
+
+
+class HiViTMAEEncoderStep(NamedTuple):
+    """One state of the encoder, as [`HiViTMAEModel.iter_blocks`] yields it."""
+
+    stage: int
+    """Stage index: `0 .. len(depths) - 2` the stem stages, `len(depths) - 1` the main stage."""
+    block: int
+    """Blocks of the stage that have run: 0 for the stage's input, the stage's block count for its output."""
+    hidden_states: torch.Tensor
+    attentions: Optional[torch.Tensor] = None
+    """Attention probabilities of the main-stage layer that just ran, when asked for."""
 
 
 class HiViTMAEPreTrainedModel(PreTrainedModel):
@@ -591,6 +603,63 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         return ids_shuffle[:, :num_keep], ids_restore, mask.to(device=device, dtype=torch.float32)
 
+    def iter_blocks(
+        self, pixel_values: torch.Tensor, ids_keep: Optional[torch.Tensor] = None, output_attentions: bool = False
+    ) -> collections.abc.Iterator[HiViTMAEEncoderStep]:
+        """Run the encoder on `pixel_values` (already checked), keeping only the patches `ids_keep`
+        `(batch_size, num_visible_patches)` if given, and yield a [`HiViTMAEEncoderStep`] at every point where a
+        model takes features: for each stage (the stem stages, then the main stage) its input (`block=0`: the patch
+        embeddings, a patch merge's output, the position-embedded main-stage tokens), then its state after each block
+        (`block=k`). Stem states are `(batch_size, num_visible_patches, inner, inner, stage_hidden_size)`, main-stage
+        states `(batch_size, num_visible_patches, hidden_size)`.
+
+        [`HiViTMAEModel`] and [`HiViTMAEForImageClassification`] (through it) read their features from here. The
+        generator holds nothing but the current state, so each block's input is released as soon as the block is done
+        unless the caller keeps it (a stage-level call would hold the stage's input, at the stride-4 stage the largest
+        tensor of an inference forward).
+        """
+        batch_size, _, height, width = pixel_values.shape
+        grid_size = (height // self.config.patch_size, width // self.config.patch_size)
+        hidden_states = self.patch_embeddings(pixel_values)
+        if ids_keep is not None:
+            hidden_states = torch.gather(
+                hidden_states, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *hidden_states.shape[2:])
+            )
+        for stage_index, stage in enumerate(self.stem):
+            yield HiViTMAEEncoderStep(stage_index, 0, hidden_states)
+            for block_index, block in enumerate(stage.blocks, start=1):
+                hidden_states = block(hidden_states)[0]
+                yield HiViTMAEEncoderStep(stage_index, block_index, hidden_states)
+            hidden_states = stage.merge(hidden_states)
+        hidden_states = hidden_states.flatten(2)  # the merges leave a 1x1 inner grid
+
+        legacy = self.config.legacy_position_encoding
+        if self.position_embeddings is not None:
+            position_embeddings = interpolate_pos_encoding(
+                self.position_embeddings, grid_size, hidden_states.shape[1], legacy
+            )
+            if ids_keep is not None:
+                position_embeddings = torch.gather(
+                    position_embeddings.expand(batch_size, -1, -1),
+                    1,
+                    ids_keep[:, :, None].expand(-1, -1, position_embeddings.shape[2]),
+                )
+            hidden_states = hidden_states + position_embeddings
+        hidden_states = self.dropout(hidden_states)
+
+        position_index = None
+        # mmpretrain's masked path calls the main blocks without `rpe_index`, so no relative position bias there.
+        if self.config.use_relative_position_bias and (ids_keep is None or not legacy):
+            position_index = relative_position_index(*grid_size, device=hidden_states.device)
+            if ids_keep is not None:
+                position_index = position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
+
+        main_stage = len(self.stem)
+        yield HiViTMAEEncoderStep(main_stage, 0, hidden_states)
+        for block_index, layer in enumerate(self.encoder.layers, start=1):
+            hidden_states, probs = layer(hidden_states, position_index, grid_size, output_attentions)
+            yield HiViTMAEEncoderStep(main_stage, block_index, hidden_states, probs)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -622,54 +691,18 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
         num_patches = grid_size[0] * grid_size[1]
         ids_keep, ids_restore, mask = self._masking(batch_size, num_patches, mask, noise, pixel_values.device)
 
-        hidden_states = self.patch_embeddings(pixel_values)
-        if ids_keep is not None:
-            hidden_states = torch.gather(
-                hidden_states, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *hidden_states.shape[2:])
-            )
-        # The blocks run in this loop rather than in per-stage forwards so that each block's input is released as
-        # soon as the block is done (a stage-level call would hold the stage's input, at the stride-4 stage the
-        # largest tensor of an inference forward).
         all_hidden_states, all_attentions, stem_outputs = [], [], []
-        for stage in self.stem:
-            for block in stage.blocks:
-                hidden_states = block(hidden_states)[0]
+        for step in self.iter_blocks(pixel_values, ids_keep, output_attentions):
+            if step.stage < len(self.stem):
+                if step.block < len(self.stem[step.stage].blocks):
+                    continue  # only a stem stage's output (before its merge) is a hidden state
+                if self.hifeat_layernorm is not None:
+                    stem_outputs.append(step.hidden_states.flatten(2))  # (inner row, inner column, channel) per patch
+            elif output_attentions and step.block > 0:
+                all_attentions.append(step.attentions)
             if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if self.hifeat_layernorm is not None:
-                stem_outputs.append(hidden_states.flatten(2))  # (inner row, inner column, channel) per patch
-            hidden_states = stage.merge(hidden_states)
-        hidden_states = hidden_states.flatten(2)  # the merges leave a 1x1 inner grid
-
-        legacy = self.config.legacy_position_encoding
-        if self.position_embeddings is not None:
-            position_embeddings = interpolate_pos_encoding(
-                self.position_embeddings, grid_size, hidden_states.shape[1], legacy
-            )
-            if ids_keep is not None:
-                position_embeddings = torch.gather(
-                    position_embeddings.expand(batch_size, -1, -1),
-                    1,
-                    ids_keep[:, :, None].expand(-1, -1, position_embeddings.shape[2]),
-                )
-            hidden_states = hidden_states + position_embeddings
-        hidden_states = self.dropout(hidden_states)
-
-        position_index = None
-        # mmpretrain's masked path calls the main blocks without `rpe_index`, so no relative position bias there.
-        if self.config.use_relative_position_bias and (ids_keep is None or not legacy):
-            position_index = relative_position_index(*grid_size, device=hidden_states.device)
-            if ids_keep is not None:
-                position_index = position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
-
-        for layer in self.encoder.layers:
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            hidden_states, probs = layer(hidden_states, position_index, grid_size, output_attentions)
-            if output_attentions:
-                all_attentions.append(probs)
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
+                all_hidden_states.append(step.hidden_states)
+        hidden_states = step.hidden_states
         if self.hifeat_layernorm is not None:
             hidden_states = self.hifeat_layernorm(torch.cat([*stem_outputs, hidden_states], dim=-1))
 
