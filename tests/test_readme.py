@@ -34,3 +34,8 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     assert (out.logits.shape, out.mask.shape, out.ids_restore.shape) == ((2, 196, 768), (2, 196), (2, 196))
     assert feats.shape == (2, 196, 384)
     assert torch.equal(out.mask.sum(dim=1), torch.tensor([147.0, 147.0]))  # "75 % of the patches masked"
+
+    # The backbone snippet's comments.
+    shapes = [tuple(feature_map.shape) for feature_map in namespace["maps"]]
+    assert shapes == [(1, 96, 64, 80), (1, 192, 32, 40), (1, 384, 16, 20), (1, 384, 8, 10)]
+    assert (namespace["backbone"].channels, namespace["backbone"].strides) == ([96, 192, 384, 384], [4, 8, 16, 32])
