@@ -2,6 +2,13 @@
 
 from transformers import PretrainedConfig
 
+try:  # transformers >= 5
+    from transformers.backbone_utils import BackboneConfigMixin
+
+    get_aligned_output_features_output_indices = None
+except ImportError:  # transformers 4.x
+    from transformers.utils.backbone_utils import BackboneConfigMixin, get_aligned_output_features_output_indices
+
 # The four HiViT sizes of mmpretrain's `HiViT.arch_zoo` (mmpretrain 1.2.0).
 HIVIT_ARCHS = {
     "tiny": {"hidden_size": 384, "depths": [1, 1, 10], "num_attention_heads": 6},
@@ -16,10 +23,11 @@ HIVIT_ARCHS = {
 AUTO_MAP = {
     "AutoConfig": "configuration_hivit_mae.HiViTMAEConfig",
     "AutoModel": "modeling_hivit_mae.HiViTMAEModel",
+    "AutoBackbone": "modeling_hivit_mae.HiViTMAEBackbone",
 }
 
 
-class HiViTMAEConfig(PretrainedConfig):
+class HiViTMAEConfig(BackboneConfigMixin, PretrainedConfig):
     r"""
     Configuration of a HiViT encoder pre-trained with masked autoencoding (mmpretrain's `MAEHiViT` backbone,
     `MAEPretrainDecoder` neck and `MAEPretrainHead` head). The defaults are mmpretrain's MAE-HiViT-base recipe;
@@ -113,6 +121,26 @@ class HiViTMAEConfig(PretrainedConfig):
             In [`HiViTMAEForImageClassification`], layer-normalise the pooled features before the classifier (the
             original repository's `fc_norm`, used by its fine-tuning recipe). mmpretrain's HiViT classifier has no
             such norm.
+        window_size (`int`, *optional*, defaults to 0):
+            Side, in patches, of the windows that the main-stage layers attend within (ViTDet-style window attention
+            for large inputs; the patch grid is zero-padded to whole windows and the padding is masked out of
+            attention). 0 attends globally in every layer. It needs every patch, so it rules out masking.
+        global_attn_indexes (`list[int]`, *optional*, defaults to `[]`):
+            Main-stage layers (0-based) that attend globally although `window_size` is set.
+        legacy_detection_backbone (`bool`, *optional*, defaults to `False`):
+            Reproduce the original HiViT repository's detection backbone exactly: [`HiViTMAEBackbone`] takes its
+            stride-4 map half-way through the first stem stage (after `depths[0]` of its blocks) and its stride-8 map
+            after `depths[0] + depths[1] + 1` of the stem's blocks and merges (right after the first patch merge when
+            `depths[0] == depths[1]`) instead of at the stage ends; the padding of the windows takes part in attention;
+            and the position table is resized with a scale factor, as `legacy_position_encoding` does. Needs three
+            stages and `depths[1] >= depths[0]`.
+        out_features (`list[str]`, *optional*):
+            Stages whose feature maps [`HiViTMAEBackbone`] returns, from `stage_names`: `"stem"` (the patch
+            embeddings, stride 4), `"stage1"` .. `"stage{len(depths)}"` (the output of each stage, stride 4, 8, 16 for
+            three stages) and `"stage{len(depths) + 1}"` (the last stage 2x2 max-pooled, stride 32). Defaults to all
+            but `"stem"`, the original repository's four levels.
+        out_indices (`list[int]`, *optional*):
+            The same stages by index into `stage_names`; set either.
 
     Example:
 
@@ -158,6 +186,11 @@ class HiViTMAEConfig(PretrainedConfig):
         decoder_first_token_as_cls=True,
         legacy_position_encoding=True,
         use_fc_norm=False,
+        window_size=0,
+        global_attn_indexes=(),
+        legacy_detection_backbone=False,
+        out_features=None,
+        out_indices=None,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -189,9 +222,23 @@ class HiViTMAEConfig(PretrainedConfig):
         self.decoder_first_token_as_cls = decoder_first_token_as_cls
         self.legacy_position_encoding = legacy_position_encoding
         self.use_fc_norm = use_fc_norm
+        self.window_size = window_size
+        self.global_attn_indexes = list(global_attn_indexes)
+        self.legacy_detection_backbone = legacy_detection_backbone
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        kwargs.pop("stage_names", None)  # derived from depths
         super().__init__(**kwargs)
         self.validate_architecture()
+        self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, self.num_stages + 2)]
+        if out_features is None and out_indices is None:
+            out_features = self.stage_names[1:]
+        out_indices = list(out_indices) if out_indices is not None else None
+        if get_aligned_output_features_output_indices is None:
+            self.set_output_features_output_indices(out_features, out_indices)
+        else:
+            self._out_features, self._out_indices = get_aligned_output_features_output_indices(
+                out_features=out_features, out_indices=out_indices, stage_names=self.stage_names
+            )
 
     @classmethod
     def from_arch(cls, arch: str, **kwargs) -> "HiViTMAEConfig":
@@ -217,6 +264,17 @@ class HiViTMAEConfig(PretrainedConfig):
         if not self.use_hifeat:
             return self.hidden_size
         return (2**self.num_stages - 1) * self.hidden_size
+
+    @property
+    def backbone_channels(self) -> list[int]:
+        """Channels of the feature map of each of `stage_names`."""
+        return [self.stage_hidden_sizes[0], *self.stage_hidden_sizes, self.hidden_size]
+
+    @property
+    def backbone_strides(self) -> list[int]:
+        """Stride, in pixels, of the feature map of each of `stage_names`."""
+        first = self.patch_size // self.inner_patches
+        return [first] + [first * 2**stage for stage in range(self.num_stages)] + [2 * self.patch_size]
 
     @property
     def num_patches(self) -> int:
@@ -271,3 +329,13 @@ class HiViTMAEConfig(PretrainedConfig):
             check(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
         check(self.num_channels > 0, f"num_channels={self.num_channels} must be positive")
         check(self.decoder_num_hidden_layers >= 0, "decoder_num_hidden_layers must be >= 0")
+        check(self.window_size >= 0, f"window_size={self.window_size} must be >= 0 (0: global attention)")
+        check(
+            all(0 <= index < self.depths[-1] for index in self.global_attn_indexes),
+            f"global_attn_indexes={self.global_attn_indexes} must index the {self.depths[-1]} main-stage layers",
+        )
+        check(
+            not self.legacy_detection_backbone or (self.num_stages == 3 and self.depths[1] >= self.depths[0]),
+            f"legacy_detection_backbone needs three stages with depths[1] >= depths[0] (where the original taps its "
+            f"stride-8 map), got depths={self.depths}",
+        )

@@ -5,7 +5,7 @@ import collections.abc
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +13,18 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput, logging
 
 try:  # transformers >= 5: these skip tensors that `from_pretrained` has already loaded
     from transformers import initialization as init
 except ImportError:  # transformers 4.x guards whole modules instead
     from torch.nn import init
+
+try:  # transformers >= 5
+    from transformers.backbone_utils import BackboneMixin
+except ImportError:  # transformers 4.x
+    from transformers.utils.backbone_utils import BackboneMixin
 
 try:  # relative import when loaded as Hub remote code (a transformers dynamic module)
     from .configuration_hivit_mae import HiViTMAEConfig
@@ -52,7 +57,9 @@ class HiViTMAEModelOutput(ModelOutput):
             The same states as feature maps `(batch_size, stage_hidden_size, height / stride, width / stride)`:
             strides 4, 8 and 16 for the default three stages, a feature pyramid for dense tasks.
         attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
-            Attention probabilities of every main-stage layer, `(batch_size, num_heads, seq_len, seq_len)`.
+            Attention probabilities of every main-stage layer, `(batch_size, num_heads, seq_len, seq_len)`; for a
+            layer attending within windows (`config.window_size`), `(batch_size * num_windows, num_heads,
+            window_size ** 2, window_size ** 2)`.
     """
 
     last_hidden_state: Optional[torch.FloatTensor] = None
@@ -202,7 +209,8 @@ class HiViTMAEPatchEmbeddings(nn.Module):
 
 
 class HiViTMAEAttention(nn.Module):
-    """Multi-head self-attention with an optional learned relative position bias.
+    """Multi-head self-attention with an optional learned relative position bias and an optional additive
+    `attention_mask` broadcastable to `(batch_size, num_heads, seq_len, seq_len)`.
 
     `(batch_size, seq_len, hidden_size)` -> `(batch_size, seq_len, hidden_size)`, plus the attention probabilities
     `(batch_size, num_heads, seq_len, seq_len)` when asked for.
@@ -250,6 +258,7 @@ class HiViTMAEAttention(nn.Module):
         position_index: Optional[torch.Tensor] = None,
         grid_size: Optional[tuple[int, int]] = None,
         output_attentions: bool = False,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         batch_size, seq_len, hidden_size = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
@@ -258,6 +267,8 @@ class HiViTMAEAttention(nn.Module):
         bias = None
         if position_index is not None and self.relative_position_grid is not None:
             bias = self.relative_position_bias(position_index, grid_size).to(query.dtype)
+        if attention_mask is not None:
+            bias = attention_mask if bias is None else bias + attention_mask
 
         dropout = self.attention_dropout if self.training else 0.0
         if output_attentions:
@@ -330,10 +341,13 @@ class HiViTMAELayer(GradientCheckpointingLayer):
         position_index: Optional[torch.Tensor] = None,
         grid_size: Optional[tuple[int, int]] = None,
         output_attentions: bool = False,
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         probs = None
         if self.attention is not None:
-            attended, probs = self.attention(self.norm1(hidden_states), position_index, grid_size, output_attentions)
+            attended, probs = self.attention(
+                self.norm1(hidden_states), position_index, grid_size, output_attentions, attention_mask
+            )
             if self.layer_scale1 is not None:
                 attended = self.layer_scale1(attended)
             hidden_states = hidden_states + self.drop_path(attended)
@@ -362,8 +376,8 @@ class HiViTMAEPatchMerge(nn.Module):
 
 
 class HiViTMAEStemStage(nn.Module):
-    """One stem stage: `2 * depth` MLP blocks on the stem tokens, then a patch merge. [`HiViTMAEModel`] runs the
-    blocks itself, one after the other, so that no reference holds a stage's input for the whole stage."""
+    """One stem stage: `2 * depth` MLP blocks on the stem tokens, then a patch merge. [`HiViTMAEModel.iter_blocks`]
+    runs the blocks one after the other, so that no reference holds a stage's input for the whole stage."""
 
     def __init__(self, config: HiViTMAEConfig, stage: int, drop_path_rates: list[float]):
         super().__init__()
@@ -387,7 +401,7 @@ class HiViTMAEStemStage(nn.Module):
 
 class HiViTMAEEncoder(nn.Module):
     """The main stage: `depths[-1]` transformer layers on one token per visible patch (run by
-    [`HiViTMAEModel`])."""
+    [`HiViTMAEModel.iter_blocks`])."""
 
     def __init__(self, config: HiViTMAEConfig, drop_path_rates: list[float]):
         super().__init__()
@@ -411,6 +425,46 @@ class HiViTMAEEncoder(nn.Module):
         )
 
 
+class HiViTMAEWindows:
+    """ViTDet-style window partition of a `grid_size` patch grid into `window_size x window_size` windows, the grid
+    zero-padded at the bottom and right to whole windows; with `mask_padding`, an additive attention mask keeps the
+    padding out of every window's attention (the original detection backbone lets it take part)."""
+
+    def __init__(self, grid_size: tuple[int, int], window_size: int, mask_padding: bool, dtype, device):
+        self.grid_size, self.window_size = grid_size, window_size
+        height, width = grid_size
+        self.padded_size = (-(-height // window_size) * window_size, -(-width // window_size) * window_size)
+        self.attention_mask = None
+        if mask_padding and self.padded_size != grid_size:
+            real = torch.ones(1, height * width, 1, dtype=dtype, device=device)
+            real = self.partition(real)[..., 0] > 0  # (num_windows, window_size ** 2)
+            mask = torch.zeros(real.shape, dtype=dtype, device=device).masked_fill(~real, float("-inf"))
+            self.attention_mask = mask[:, None, None, :]
+
+    def partition(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, height * width, dim)`, patches in raster order -> `(batch_size * num_windows,
+        window_size ** 2, dim)`."""
+        batch_size, _, dim = hidden_states.shape
+        (height, width), (padded_h, padded_w), size = self.grid_size, self.padded_size, self.window_size
+        grid = hidden_states.view(batch_size, height, width, dim)
+        grid = F.pad(grid, (0, 0, 0, padded_w - width, 0, padded_h - height))
+        windows = grid.view(batch_size, padded_h // size, size, padded_w // size, size, dim).transpose(2, 3)
+        return windows.reshape(-1, size * size, dim)
+
+    def unpartition(self, windows: torch.Tensor) -> torch.Tensor:
+        """Inverse of [`partition`], the padding cropped: `(batch_size, height * width, dim)`."""
+        (height, width), (padded_h, padded_w), size = self.grid_size, self.padded_size, self.window_size
+        dim = windows.shape[-1]
+        grid = windows.view(-1, padded_h // size, padded_w // size, size, size, dim).transpose(2, 3)
+        grid = grid.reshape(-1, padded_h, padded_w, dim)[:, :height, :width]
+        return grid.reshape(-1, height * width, dim)
+
+    def batch_mask(self, batch_size: int) -> Optional[torch.Tensor]:
+        """The attention mask of `batch_size` images' windows, `(batch_size * num_windows, 1, 1, window_size ** 2)`,
+        or `None` when nothing is masked."""
+        return None if self.attention_mask is None else self.attention_mask.repeat(batch_size, 1, 1, 1)
+
+
 def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE's per-sample random masking from `noise` `(batch_size, num_patches)`: the `num_keep` patches with the
     smallest noise stay visible, in ascending-noise order. Returns `ids_keep` `(batch_size, num_keep)`,
@@ -420,6 +474,18 @@ def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, to
     mask = torch.ones_like(noise)
     mask[:, :num_keep] = 0
     return ids_shuffle[:, :num_keep], ids_restore, torch.gather(mask, 1, ids_restore)
+
+
+class HiViTMAEEncoderStep(NamedTuple):
+    """One state of the encoder, as [`HiViTMAEModel.iter_blocks`] yields it."""
+
+    stage: int
+    """Stage index: `0 .. len(depths) - 2` the stem stages, `len(depths) - 1` the main stage."""
+    block: int
+    """Blocks of the stage that have run: 0 for the stage's input, the stage's block count for its output."""
+    hidden_states: torch.Tensor
+    attentions: Optional[torch.Tensor] = None
+    """Attention probabilities of the main-stage layer that just ran, when asked for."""
 
 
 class HiViTMAEPreTrainedModel(PreTrainedModel):
@@ -627,12 +693,13 @@ def check_pixel_values(pixel_values: torch.Tensor, config: HiViTMAEConfig):
 
 class HiViTMAEModel(HiViTMAEPreTrainedModel):
     """The HiViT encoder (mmpretrain's `MAEHiViT`). By default it does not mask: it returns features of every patch,
-    deterministically, for feature extraction and fine-tuning."""
+    deterministically, for feature extraction and fine-tuning. `add_hifeat_layernorm=False` leaves out the
+    `config.use_hifeat` output norm, for models that read the stages themselves ([`HiViTMAEBackbone`])."""
 
     # The encoder loads from pre-training and classifier folders alike, leaving their heads out.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^fc_norm\.", r"^classifier\."]
 
-    def __init__(self, config: HiViTMAEConfig):
+    def __init__(self, config: HiViTMAEConfig, add_hifeat_layernorm: bool = True):
         super().__init__(config)
         stem_blocks = [2 * depth for depth in config.depths[:-1]]
         rates = torch.linspace(0, config.drop_path_rate, sum(stem_blocks) + config.depths[-1]).tolist()
@@ -649,9 +716,9 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
             )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.encoder = HiViTMAEEncoder(config, rates[sum(stem_blocks) :])
-        self.hifeat_layernorm = (
-            nn.LayerNorm(config.encoder_output_size, eps=config.layer_norm_eps) if config.use_hifeat else None
-        )
+        self.hifeat_layernorm = None
+        if config.use_hifeat and add_hifeat_layernorm:
+            self.hifeat_layernorm = nn.LayerNorm(config.encoder_output_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> HiViTMAEPatchEmbeddings:
@@ -719,6 +786,86 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         return ids_shuffle[:, :num_keep], ids_restore, mask.to(device=device, dtype=torch.float32)
 
+    def iter_blocks(
+        self, pixel_values: torch.Tensor, ids_keep: Optional[torch.Tensor] = None, output_attentions: bool = False
+    ) -> collections.abc.Iterator[HiViTMAEEncoderStep]:
+        """Run the encoder on `pixel_values` (already checked), keeping only the patches `ids_keep`
+        `(batch_size, num_visible_patches)` if given, and yield a [`HiViTMAEEncoderStep`] at every point where a
+        model takes features: for each stage (the stem stages, then the main stage) its input (`block=0`: the patch
+        embeddings, a patch merge's output, the position-embedded main-stage tokens), then its state after each block
+        (`block=k`; with `config.window_size`, the layers not in `config.global_attn_indexes` attend within windows).
+        Stem states are `(batch_size, num_visible_patches, inner, inner, stage_hidden_size)`, main-stage states
+        `(batch_size, num_visible_patches, hidden_size)`.
+
+        [`HiViTMAEModel`], [`HiViTMAEForImageClassification`] and [`HiViTMAEBackbone`] read their features here. The
+        generator holds nothing but the current state, so each block's input is released as soon as the block is done
+        unless the caller keeps it (a stage-level call would hold the stage's input, at the stride-4 stage the largest
+        tensor of an inference forward).
+        """
+        if ids_keep is not None and self.config.window_size > 0:
+            raise ValueError("window attention (config.window_size > 0) needs every patch: it cannot run masked")
+        batch_size, _, height, width = pixel_values.shape
+        grid_size = (height // self.config.patch_size, width // self.config.patch_size)
+        hidden_states = self.patch_embeddings(pixel_values)
+        if ids_keep is not None:
+            hidden_states = torch.gather(
+                hidden_states, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *hidden_states.shape[2:])
+            )
+        for stage_index, stage in enumerate(self.stem):
+            yield HiViTMAEEncoderStep(stage_index, 0, hidden_states)
+            for block_index, block in enumerate(stage.blocks, start=1):
+                hidden_states = block(hidden_states)[0]
+                yield HiViTMAEEncoderStep(stage_index, block_index, hidden_states)
+            hidden_states = stage.merge(hidden_states)
+        hidden_states = hidden_states.flatten(2)  # the merges leave a 1x1 inner grid
+
+        legacy = self.config.legacy_position_encoding or self.config.legacy_detection_backbone
+        if self.position_embeddings is not None:
+            position_embeddings = interpolate_pos_encoding(
+                self.position_embeddings, grid_size, hidden_states.shape[1], legacy
+            )
+            if ids_keep is not None:
+                position_embeddings = torch.gather(
+                    position_embeddings.expand(batch_size, -1, -1),
+                    1,
+                    ids_keep[:, :, None].expand(-1, -1, position_embeddings.shape[2]),
+                )
+            hidden_states = hidden_states + position_embeddings
+        hidden_states = self.dropout(hidden_states)
+
+        position_index = None
+        # mmpretrain's masked path calls the main blocks without `rpe_index`, so no relative position bias there.
+        if self.config.use_relative_position_bias and (ids_keep is None or not legacy):
+            position_index = relative_position_index(*grid_size, device=hidden_states.device)
+            if ids_keep is not None:
+                position_index = position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
+
+        windows = window_position_index = window_mask = None
+        if self.config.window_size > 0:
+            size = self.config.window_size
+            windows = HiViTMAEWindows(
+                grid_size, size, not self.config.legacy_detection_backbone, hidden_states.dtype, hidden_states.device
+            )
+            window_mask = windows.batch_mask(batch_size)
+            if self.config.use_relative_position_bias:
+                window_position_index = relative_position_index(size, size, device=hidden_states.device)
+
+        main_stage = len(self.stem)
+        yield HiViTMAEEncoderStep(main_stage, 0, hidden_states)
+        for block_index, layer in enumerate(self.encoder.layers):
+            if windows is None or block_index in self.config.global_attn_indexes:
+                hidden_states, probs = layer(hidden_states, position_index, grid_size, output_attentions)
+            else:
+                hidden_states, probs = layer(
+                    windows.partition(hidden_states),
+                    window_position_index,
+                    (windows.window_size,) * 2,
+                    output_attentions,
+                    window_mask,
+                )
+                hidden_states = windows.unpartition(hidden_states)
+            yield HiViTMAEEncoderStep(main_stage, block_index + 1, hidden_states, probs)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -750,54 +897,18 @@ class HiViTMAEModel(HiViTMAEPreTrainedModel):
         num_patches = grid_size[0] * grid_size[1]
         ids_keep, ids_restore, mask = self._masking(batch_size, num_patches, mask, noise, pixel_values.device)
 
-        hidden_states = self.patch_embeddings(pixel_values)
-        if ids_keep is not None:
-            hidden_states = torch.gather(
-                hidden_states, 1, ids_keep[:, :, None, None, None].expand(-1, -1, *hidden_states.shape[2:])
-            )
-        # The blocks run in this loop rather than in per-stage forwards so that each block's input is released as
-        # soon as the block is done (a stage-level call would hold the stage's input, at the stride-4 stage the
-        # largest tensor of an inference forward).
         all_hidden_states, all_attentions, stem_outputs = [], [], []
-        for stage in self.stem:
-            for block in stage.blocks:
-                hidden_states = block(hidden_states)[0]
+        for step in self.iter_blocks(pixel_values, ids_keep, output_attentions):
+            if step.stage < len(self.stem):
+                if step.block < len(self.stem[step.stage].blocks):
+                    continue  # only a stem stage's output (before its merge) is a hidden state
+                if self.hifeat_layernorm is not None:
+                    stem_outputs.append(step.hidden_states.flatten(2))  # (inner row, inner column, channel) per patch
+            elif output_attentions and step.block > 0:
+                all_attentions.append(step.attentions)
             if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if self.hifeat_layernorm is not None:
-                stem_outputs.append(hidden_states.flatten(2))  # (inner row, inner column, channel) per patch
-            hidden_states = stage.merge(hidden_states)
-        hidden_states = hidden_states.flatten(2)  # the merges leave a 1x1 inner grid
-
-        legacy = self.config.legacy_position_encoding
-        if self.position_embeddings is not None:
-            position_embeddings = interpolate_pos_encoding(
-                self.position_embeddings, grid_size, hidden_states.shape[1], legacy
-            )
-            if ids_keep is not None:
-                position_embeddings = torch.gather(
-                    position_embeddings.expand(batch_size, -1, -1),
-                    1,
-                    ids_keep[:, :, None].expand(-1, -1, position_embeddings.shape[2]),
-                )
-            hidden_states = hidden_states + position_embeddings
-        hidden_states = self.dropout(hidden_states)
-
-        position_index = None
-        # mmpretrain's masked path calls the main blocks without `rpe_index`, so no relative position bias there.
-        if self.config.use_relative_position_bias and (ids_keep is None or not legacy):
-            position_index = relative_position_index(*grid_size, device=hidden_states.device)
-            if ids_keep is not None:
-                position_index = position_index[ids_keep[:, :, None], ids_keep[:, None, :]]
-
-        for layer in self.encoder.layers:
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            hidden_states, probs = layer(hidden_states, position_index, grid_size, output_attentions)
-            if output_attentions:
-                all_attentions.append(probs)
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
+                all_hidden_states.append(step.hidden_states)
+        hidden_states = step.hidden_states
         if self.hifeat_layernorm is not None:
             hidden_states = self.hifeat_layernorm(torch.cat([*stem_outputs, hidden_states], dim=-1))
 
@@ -1070,8 +1181,163 @@ class HiViTMAEForImageClassification(HiViTMAEPreTrainedModel):
         return result if return_dict else result.to_tuple()
 
 
+class HiViTMAEBackbone(BackboneMixin, HiViTMAEPreTrainedModel):
+    """HiViT as a backbone for detection and segmentation, after the original HiViT repository's detection backbone:
+    feature maps of the stages in `config.out_features` (by default strides 4, 8, 16 and 32 with `C / 4`, `C / 2`,
+    `C` and `C` channels for `C = hidden_size`; the stride-32 map is the last stage's, 2x2 max-pooled), each through
+    its own LayerNorm over the channels (the original's `fpn1` .. `fpn4`). Any image size that is a multiple of the
+    patch size works; `config.window_size` / `config.global_attn_indexes` give ViTDet-style window attention for
+    large inputs, and `config.legacy_detection_backbone` reproduces the original exactly.
+
+    It loads the encoder of any HiViT-MAE folder (pre-training, encoder, classifier); the per-level norms, which only
+    a backbone has, then start as LayerNorms do (weight 1, bias 0) and the load says so. As in the original, the
+    absolute position table is trained.
+    """
+
+    # Heads of the other models, and the norms of levels that a saved backbone returned but this one does not.
+    _keys_to_ignore_on_load_unexpected = [
+        r"^decoder\.",
+        r"^fc_norm\.",
+        r"^classifier\.",
+        r"hifeat_layernorm\.",
+        r"^hidden_states_norms\.",
+    ]
+    _keys_to_ignore_on_load_missing = [r"^hidden_states_norms\."]
+
+    def __init__(self, config: HiViTMAEConfig):
+        super().__init__(config)
+        if hasattr(BackboneMixin, "_init_backbone"):  # transformers 4.x: the mixin has no __init__
+            self._init_backbone(config)
+        self.num_features = config.backbone_channels
+        self.hivit = HiViTMAEModel(config, add_hifeat_layernorm=False)
+        if self.hivit.position_embeddings is not None:
+            self.hivit.position_embeddings.requires_grad_(True)
+        channels = dict(zip(self.stage_names, self.num_features))
+        self.hidden_states_norms = nn.ModuleDict(
+            {stage: nn.LayerNorm(channels[stage], eps=config.layer_norm_eps) for stage in self.out_features}
+        )
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As [`~PreTrainedModel.from_pretrained`]; per-level norms that the folder holds no weights for (all of them
+        unless it was saved by a backbone) start newly initialised, and a warning names them."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        fresh = [stage for stage, norm in model.hidden_states_norms.items() if getattr(norm, "_starts_fresh", False)]
+        if fresh:
+            logger.warning(
+                f"{cls.__name__}: {pretrained_model_name_or_path} holds no weights for the per-level norms "
+                f"{', '.join(f'hidden_states_norms.{stage}' for stage in fresh)}; they start newly initialised "
+                "(weight 1, bias 0) and are trained with the detection or segmentation head."
+            )
+        return loaded
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        # Marks what `from_pretrained` initialised rather than loaded: transformers 4.x calls this only for modules
+        # it loaded nothing into, 5.x for all but flags each loaded parameter.
+        if isinstance(module, nn.LayerNorm) and not getattr(module.weight, "_is_hf_initialized", False):
+            module._starts_fresh = True
+
+    @property
+    def strides(self) -> list[int]:
+        """Stride, in pixels, of each feature map of `out_features`."""
+        strides = dict(zip(self.stage_names, self.config.backbone_strides))
+        return [strides[stage] for stage in self.out_features]
+
+    def get_input_embeddings(self) -> HiViTMAEPatchEmbeddings:
+        return self.hivit.patch_embeddings
+
+    def tap_points(self) -> dict[tuple[int, int], str]:
+        """Where each stage's map is taken: `(stage, block)` of [`HiViTMAEModel.iter_blocks`] -> name in
+        `stage_names` (the last name, a pooled map, has none)."""
+        blocks = [len(stage.blocks) for stage in self.hivit.stem] + [len(self.hivit.encoder.layers)]
+        points = [(0, 0)] + [(stage, count) for stage, count in enumerate(blocks)]
+        if self.config.legacy_detection_backbone:
+            # The original taps `blocks[depths[0] - 1]` and `blocks[depths[0] + depths[1]]` of its flat list of stem
+            # blocks and merges (`merge_indices`): after depths[0] blocks of stage 0, and after depths[1] - depths[0]
+            # blocks of stage 1 (its input, the first merge's output, when the two are equal).
+            first, second = self.config.depths[:2]
+            points[1:3] = [(0, first), (1, second - first)]
+        return dict(zip(points, self.stage_names))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ) -> Union[tuple, BackboneOutput]:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images; height and width must be multiples of `config.patch_size`.
+
+        Returns:
+            [`~modeling_outputs.BackboneOutput`]: `feature_maps`, one `(batch_size, channels, height / stride,
+            width / stride)` map per stage of `out_features` (see `channels` and `strides`); with
+            `output_hidden_states`, `hidden_states`: the maps of every stage of `stage_names` before the norms; with
+            `output_attentions`, `attentions` as in [`HiViTMAEModelOutput`].
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from configuration_hivit_mae import HiViTMAEConfig
+        >>> from modeling_hivit_mae import HiViTMAEBackbone
+
+        >>> backbone = HiViTMAEBackbone(HiViTMAEConfig.from_arch("tiny"))
+        >>> feature_maps = backbone(torch.randn(1, 3, 256, 320)).feature_maps
+        >>> [tuple(feature_map.shape) for feature_map in feature_maps], backbone.channels, backbone.strides
+        ([(1, 96, 64, 80), (1, 192, 32, 40), (1, 384, 16, 20), (1, 384, 8, 10)], [96, 192, 384, 384], [4, 8, 16, 32])
+        ```
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_pixel_values(pixel_values, self.config)
+        grid_size = (pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size)
+
+        # Keep only the maps asked for: the stem's are the largest tensors of the forward.
+        wanted = set(self.stage_names) if output_hidden_states else set(self.out_features)
+        pooled_stage, last_stage = self.stage_names[-1], self.stage_names[-2]
+        if pooled_stage in wanted:
+            wanted.add(last_stage)
+        tap_points = self.tap_points()
+        maps, attentions = {}, []
+        for step in self.hivit.iter_blocks(pixel_values, output_attentions=output_attentions):
+            stage = tap_points.get((step.stage, step.block))
+            if stage in wanted:
+                maps[stage] = _to_feature_map(step.hidden_states, grid_size)
+            if step.attentions is not None:
+                attentions.append(step.attentions)
+        if pooled_stage in wanted:
+            maps[pooled_stage] = F.max_pool2d(maps[last_stage], kernel_size=2, stride=2)
+
+        feature_maps = tuple(
+            self.hidden_states_norms[stage](maps[stage].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            for stage in self.out_features
+        )
+        outputs = BackboneOutput(
+            feature_maps=feature_maps,
+            hidden_states=tuple(maps[stage] for stage in self.stage_names) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+        return outputs if return_dict else outputs.to_tuple()
+
+
 HiViTMAEModel.register_for_auto_class("AutoModel")
 HiViTMAEForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 HiViTMAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+HiViTMAEBackbone.register_for_auto_class("AutoBackbone")
 
-__all__ = ["HiViTMAEPreTrainedModel", "HiViTMAEModel", "HiViTMAEForPreTraining", "HiViTMAEForImageClassification"]
+__all__ = [
+    "HiViTMAEPreTrainedModel",
+    "HiViTMAEModel",
+    "HiViTMAEForPreTraining",
+    "HiViTMAEForImageClassification",
+    "HiViTMAEBackbone",
+]

@@ -454,6 +454,7 @@ def test_tiny_parity_and_folder_contents(tiny):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_hivit_mae.HiViTMAEConfig",
         "AutoModel": "modeling_hivit_mae.HiViTMAEModel",
+        "AutoBackbone": "modeling_hivit_mae.HiViTMAEBackbone",
         "AutoModelForPreTraining": "modeling_hivit_mae.HiViTMAEForPreTraining",
     }
 

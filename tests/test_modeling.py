@@ -424,6 +424,7 @@ def test_save_and_load_round_trip(tmp_path, config, images):
     assert saved["auto_map"] == {
         "AutoConfig": "configuration_hivit_mae.HiViTMAEConfig",
         "AutoModel": "modeling_hivit_mae.HiViTMAEModel",
+        "AutoBackbone": "modeling_hivit_mae.HiViTMAEBackbone",
         "AutoModelForPreTraining": "modeling_hivit_mae.HiViTMAEForPreTraining",
     }
     assert (tmp_path / "modeling_hivit_mae.py").is_file() and (tmp_path / "configuration_hivit_mae.py").is_file()

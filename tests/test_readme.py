@@ -41,3 +41,8 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     # The pre-trained weights' snippet: three predictions with the folder's class names.
     assert {p["label"] for p in namespace["predictions"]} <= set(config.id2label.values())
     assert len(namespace["predictions"]) == 3
+
+    # The backbone snippet's comments.
+    shapes = [tuple(feature_map.shape) for feature_map in namespace["maps"]]
+    assert shapes == [(1, 96, 64, 80), (1, 192, 32, 40), (1, 384, 16, 20), (1, 384, 8, 10)]
+    assert (namespace["backbone"].channels, namespace["backbone"].strides) == ([96, 192, 384, 384], [4, 8, 16, 32])
