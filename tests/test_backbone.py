@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from configuration_hivit_mae import HiViTMAEConfig
-from convert_checkpoint import convert_state_dict
+from hivit_mae_tools.conversion import original
 from modeling_hivit_mae import (
     HiViTMAEBackbone,
     HiViTMAEForImageClassification,
@@ -69,18 +69,17 @@ def original_config(**overrides):
 
 
 def original_weights(config):
-    """The fixture's state dict under our names: the encoder through the converter's mmpretrain key mapping (the
-    original names its blocks as mmpretrain does, only the table is `absolute_pos_embed`), `fpn1` .. `fpn4` as the
-    per-level norms."""
+    """The fixture's state dict under our names: the encoder through the converter's mapping of the original
+    repository's keys, `fpn1` .. `fpn4` as the per-level norms."""
     weights = load_file(FIXTURE / "backbone_tiny.safetensors")
     levels = {"fpn1": "stage1", "fpn2": "stage2", "fpn3": "stage3", "fpn4.1": "stage4"}
     norms = {}
     for key in [key for key in weights if key.startswith("fpn")]:
         module, _, parameter = key.rpartition(".")
         norms[f"hidden_states_norms.{levels[module]}.{parameter}"] = weights.pop(key)
-    weights["pos_embed"] = weights.pop("absolute_pos_embed")
-    converted, unused = convert_state_dict(weights, config)
-    assert not unused, unused
+    # The pre-training model's keys: its encoder is `hivit.*`, as the backbone's.
+    converted, left_out, unknown = original.convert_state_dict(weights, config, "pretraining")
+    assert not left_out and not unknown, (left_out, unknown)
     return {**converted, **norms}
 
 
