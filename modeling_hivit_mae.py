@@ -550,9 +550,11 @@ class HiViTMAEPreTrainedModel(PreTrainedModel):
 
     def post_init(self):
         super().post_init()
-        # transformers >= 5 adds the sub-models' ignore patterns to this model's (see the class docstring).
+        # transformers >= 5 adds the sub-models' ignore patterns to this model's (see the class docstring). Keep the
+        # container type each version adds to: 5.x a set (`|`), 4.x the class's list (`+`).
         for name in ("_keys_to_ignore_on_load_missing", "_keys_to_ignore_on_load_unexpected"):
-            setattr(self, name, set(getattr(type(self), name) or ()))
+            own = getattr(type(self), name) or ()
+            setattr(self, name, set(own) if isinstance(getattr(self, name), set) else list(own))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
