@@ -216,12 +216,28 @@ class LabelledImageTransform:
 
 
 def build_train_transform(image_size: int, augment: bool) -> transforms.Compose:
+    """Both recipes' training augmentation (timm's `create_transform` as the original calls it, and mmpretrain's
+    `imagenet_bs64_hivit_224.py`) with torchvision's transforms.
+
+    RandAugment is timm's "rand-m9-mstd0.5-inc1": two operations drawn at random, each applied with probability 0.5, at
+    magnitude 9 of 10, bicubic, filled with the mean pixel. torchvision spreads the magnitude over 31 bins, so 9 / 10
+    is bin 27, which gives the same ranges (rotate 27 degrees, shear 0.27, translate 0.41 of the side, enhancements
+    1 +- 0.81, solarize below 26). What differs: no noise on the magnitude (mstd 0.5), Posterize keeps 4 bits where
+    timm keeps 1, and torchvision draws from Identity where timm has Invert and SolarizeAdd."""
     steps = [
         transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
     ]
     if augment:
-        steps.append(transforms.RandAugment(num_ops=2, magnitude=9))
+        mean_pixel = [round(255 * value) for value in IMAGENET_MEAN]
+        operation = transforms.RandAugment(
+            num_ops=1,
+            magnitude=27,
+            num_magnitude_bins=31,
+            interpolation=transforms.InterpolationMode.BICUBIC,
+            fill=mean_pixel,
+        )
+        steps += [transforms.RandomApply([operation], p=0.5) for _ in range(2)]
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if augment:
         steps.append(transforms.RandomErasing(p=0.25, value="random"))
