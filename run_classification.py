@@ -1,19 +1,28 @@
 #!/usr/bin/env python
 """Fine-tune a HiViT-MAE encoder for image classification with the 🤗 Trainer.
 
-The defaults reproduce mmpretrain 1.2.0's HiViT classification recipe (`configs/hivit/hivit-base-p16_16xb64_in1k.py`
-with `_base_/datasets/imagenet_bs64_hivit_224.py` and `_base_/schedules/imagenet_bs1024_adamw_hivit.py`), with
-torchvision's implementations of its augmentations:
+Two recipes (`hivit_mae_tools/finetune_recipes.py`), picked by the starting folder (`--recipe` overrides; every
+setting below has its own flag):
 
-- RandomResizedCrop(224, bicubic), horizontal flip, RandAugment (2 operations, magnitude 9), ImageNet
-  normalisation, RandomErasing(p=0.25); evaluation: resize the short side to 256, centre crop 224;
-- Mixup(alpha=0.8) or CutMix(alpha=1.0) on every batch, one of the two at random; label smoothing 0.1;
-- AdamW(lr=5e-4 x total batch / 512, weight_decay=0.05) without decay on norms, biases, one-dimensional
-  parameters, position tables and relative position bias tables; gradients clipped at norm 5;
-- linear warm-up over the first 20 of 300 epochs, then cosine decay to 1 % of the peak (mmpretrain's 1e-5 at its
-  batch of 1024);
-- HiViT with relative position bias, LayerNorm eps 1e-5 and mmpretrain's drop path rate for the size (0.05 tiny,
-  0.3 small, 0.5 base and large).
+- `original`, for an MAE-pre-trained folder (this project's pre-training or encoder folders, converted mmpretrain or
+  original-repository MAE checkpoints) or a classifier with `fc_norm`: the original HiViT repository's fine-tuning
+  (`self_supervised/main_finetune.py` with `get_started.md`'s command): mean pool -> `fc_norm` -> head (fresh head
+  truncated normal(2e-5)), relative position bias, position table as stored, no hifeat; AdamW(lr=5e-4 x total batch
+  / 256, weight_decay=0.05) with layer-wise learning-rate decay 0.85, no decay on 1-D parameters, the position table
+  and relative position bias tables, no gradient clipping; drop path 0.2; 100 epochs, 5 of linear warm-up, cosine
+  to 1e-6.
+- `mmpretrain`, for a classifier without `fc_norm` (one converted from mmpretrain keeps its own head exactly):
+  mmpretrain 1.2.0's HiViT classification recipe (`configs/hivit/hivit-base-p16_16xb64_in1k.py`,
+  `_base_/schedules/imagenet_bs1024_adamw_hivit.py`): AdamW(lr=5e-4 x total batch / 512, weight_decay=0.05), the
+  same tensors without decay, gradients clipped at norm 5; 300 epochs, 20 of warm-up, cosine to 1 % of the peak;
+  from an MAE folder: relative position bias, LayerNorm eps 1e-5, mmpretrain's drop path for the size (0.05 tiny,
+  0.3 small, 0.5 base and large), average pooling straight into the head.
+
+Both share their data recipe (the original's timm `create_transform` and mmpretrain's `imagenet_bs64_hivit_224.py`
+are the same policy), with torchvision's implementations: RandomResizedCrop(224, bicubic), horizontal flip, timm's
+RandAugment "rand-m9-mstd0.5-inc1" approximated (see `build_train_transform`), ImageNet normalisation,
+RandomErasing(p=0.25); evaluation: resize the short side to 256, centre crop 224; Mixup(alpha=0.8) or
+CutMix(alpha=1.0) on every batch, one of the two at random; label smoothing 0.1.
 
 Data: `--train_dir` (a folder with one sub-folder per class, read with datasets' `imagefolder`) or `--dataset_name` (a
 Hub dataset with an image and a class-label column). Evaluation uses `--validation_dir`, the dataset's
@@ -23,7 +32,9 @@ Hub dataset with an image and a class-label column). Evaluation uses `--validati
         --validation_dir data/val --output_dir outputs/hivit-base-ft --per_device_train_batch_size 128 --bf16
 """
 
+import json
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,9 +51,16 @@ from torchvision.transforms import v2
 from transformers import BitImageProcessor, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
-from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
+from configuration_hivit_mae import HiViTMAEConfig
 from hivit_mae_tools.cli import UserError, check_model_path, run_cli
 from hivit_mae_tools.conversion.writer import IMAGENET_MEAN, IMAGENET_STD, preprocessor_config
+from hivit_mae_tools.finetune_recipes import (
+    START_DESCRIPTIONS,
+    FineTuningRecipe,
+    choose_recipe,
+    initialise_fresh_weights,
+    layer_decay_parameter_groups,
+)
 from hivit_mae_tools.images import check_dataset_images, load_image
 from hivit_mae_tools.outputs import staged_output
 from hivit_mae_tools.training import (
@@ -62,27 +80,14 @@ from run_pretraining import (
 
 logger = logging.getLogger(__name__)
 
-# mmpretrain's recipe as Trainer arguments; anything on the command line comes after and wins.
-RECIPE_ARGS = [
-    "--weight_decay", "0.05",
-    "--adam_beta1", "0.9",
-    "--adam_beta2", "0.999",
-    "--adam_epsilon", "1e-8",
-    "--max_grad_norm", "5.0",
-    "--num_train_epochs", "300",
-    "--warmup_ratio" if "warmup_ratio" in TrainingArguments.__dataclass_fields__ else "--warmup_steps", str(20 / 300),
-    "--lr_scheduler_type", "cosine_with_min_lr",
-    # mmpretrain's eta_min=1e-5 is 1 % of its lr at its batch of 1024; as a ratio it scales with the batch, as lr does.
-    "--lr_scheduler_kwargs", '{"min_lr_rate": 0.01}',
+# The script's own Trainer arguments; the recipe's come after them and the command line's last (the last one wins).
+SCRIPT_ARGS = [
     "--eval_strategy", "epoch",
     "--save_strategy", "epoch",
     "--logging_steps", "10",
     "--remove_unused_columns", "False",
     "--report_to", "none",
 ]  # fmt: skip
-# mmpretrain's configs/hivit drop path rates (large has no classification config; it follows base; sizes of one's own
-# get 0.1).
-DROP_PATH_RATES = {"tiny": 0.05, "small": 0.3, "base": 0.5, "large": 0.5}
 
 
 @dataclass
@@ -90,24 +95,48 @@ class ModelArguments:
     """Which encoder to fine-tune."""
 
     model_name_or_path: str = field(
-        metadata={"help": "A HiViT-MAE folder or Hub id (pre-training, encoder or classifier; heads are replaced)."}
+        metadata={"help": "A HiViT-MAE folder or Hub id (pre-training, encoder or classifier); it picks the recipe."}
+    )
+    recipe: str = field(
+        default="auto",
+        metadata={
+            "help": "Fine-tuning recipe: `original` (the original HiViT repository's MAE fine-tuning), `mmpretrain` "
+            "(mmpretrain's HiViT classification) or `auto`: `mmpretrain` for a classifier without fc_norm (as "
+            "converted from mmpretrain), `original` for everything else (MAE-pre-trained folders).",
+            "choices": ["auto", "original", "mmpretrain"],
+        },
     )
     drop_path_rate: Optional[float] = field(
         default=None,
-        metadata={"help": "Stochastic depth; default: mmpretrain's for the size (0.05 / 0.3 / 0.5; 0.1 if custom)."},
+        metadata={
+            "help": "Stochastic depth; default: original 0.2, mmpretrain its rate for the size (0.05 / 0.3 / 0.5; "
+            "0.1 if custom)."
+        },
+    )
+    layer_decay: Optional[float] = field(
+        default=None,
+        metadata={"help": "Layer-wise learning-rate decay; default: original 0.85, mmpretrain none (1.0)."},
+    )
+    head_init_std: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Standard deviation of a fresh head's truncated normal; default: original 2e-5, mmpretrain the "
+            "config's initializer_range (0.02)."
+        },
     )
     config_overrides: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Further config fields, as `key=value,key=value` or a JSON object. The recipe sets "
-            "use_relative_position_bias=True and layer_norm_eps=1e-5, as mmpretrain's HiViT classifiers."
+            "help": "Further config fields, as `key=value,key=value` or a JSON object; they override the recipe's "
+            "(original: use_fc_norm, use_relative_position_bias, no use_hifeat, legacy_position_encoding=False; "
+            "mmpretrain from an MAE folder: use_relative_position_bias, layer_norm_eps=1e-5)."
         },
     )
-    base_learning_rate: float = field(
-        default=5e-4,
+    base_learning_rate: Optional[float] = field(
+        default=None,
         metadata={
-            "help": "Learning rate per 512 images: learning_rate = base_learning_rate * total batch / 512. Ignored "
-            "when --learning_rate is given."
+            "help": "learning_rate = base_learning_rate * total batch / 256 (original) or / 512 (mmpretrain); default "
+            "5e-4 for both. Ignored when --learning_rate is given."
         },
     )
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the targets (mmpretrain: 0.1)."})
@@ -216,12 +245,28 @@ class LabelledImageTransform:
 
 
 def build_train_transform(image_size: int, augment: bool) -> transforms.Compose:
+    """Both recipes' training augmentation (timm's `create_transform` as the original calls it, and mmpretrain's
+    `imagenet_bs64_hivit_224.py`) with torchvision's transforms.
+
+    RandAugment is timm's "rand-m9-mstd0.5-inc1": two operations drawn at random, each applied with probability 0.5, at
+    magnitude 9 of 10, bicubic, filled with the mean pixel. torchvision spreads the magnitude over 31 bins, so 9 / 10
+    is bin 27, which gives the same ranges (rotate 27 degrees, shear 0.27, translate 0.41 of the side, enhancements
+    1 +- 0.81, solarize below 26). What differs: no noise on the magnitude (mstd 0.5), Posterize keeps 4 bits where
+    timm keeps 1, and torchvision draws from Identity where timm has Invert and SolarizeAdd."""
     steps = [
         transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
     ]
     if augment:
-        steps.append(transforms.RandAugment(num_ops=2, magnitude=9))
+        mean_pixel = [round(255 * value) for value in IMAGENET_MEAN]
+        operation = transforms.RandAugment(
+            num_ops=1,
+            magnitude=27,
+            num_magnitude_bins=31,
+            interpolation=transforms.InterpolationMode.BICUBIC,
+            fill=mean_pixel,
+        )
+        steps += [transforms.RandomApply([operation], p=0.5) for _ in range(2)]
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if augment:
         steps.append(transforms.RandomErasing(p=0.25, value="random"))
@@ -268,7 +313,8 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoot
 def decay_parameter_names(model: torch.nn.Module) -> list[str]:
     """The trainable parameters that decay under mmpretrain's HiViT `paramwise_cfg`: the weight matrices (norms,
     biases and other one-dimensional parameters get `*_decay_mult=0`), less the position and relative position
-    bias tables."""
+    bias tables. The original repository's `param_groups_lrd` exempts the same tensors (1-D parameters,
+    `absolute_pos_embed`, `*.relative_position_bias_table`)."""
     no_decay = ("position_embeddings", "relative_position_bias_table")
     return [
         name
@@ -278,15 +324,43 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
 
 
 class ClassificationTrainer(Trainer):
-    """Trainer with mmpretrain's weight-decay grouping, batch mixing in training and its label-smoothed soft-target
-    loss."""
+    """Trainer with the recipes' weight-decay grouping (and the original's layer-wise learning-rate decay), batch
+    mixing in training, a label-smoothed soft-target loss, and a model card that names the recipe."""
 
-    def __init__(self, *args, label_smoothing: float = 0.0, mix: Optional[v2.Transform] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        label_smoothing: float = 0.0,
+        mix: Optional[v2.Transform] = None,
+        layer_decay: Optional[float] = None,
+        recipe_card: Optional[str] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.label_smoothing, self.mix = label_smoothing, mix
+        self.layer_decay, self.recipe_card = layer_decay, recipe_card
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None and self.layer_decay is not None and self.layer_decay != 1.0:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            groups = layer_decay_parameter_groups(
+                self.model,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                self.layer_decay,
+                decay_parameter_names(self.model),
+            )
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer(*args, **kwargs)
+
+    def create_model_card(self, *args, **kwargs):
+        super().create_model_card(*args, **kwargs)
+        if self.recipe_card is not None and self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
+                card.write(self.recipe_card)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
@@ -335,15 +409,16 @@ def validation_label_map(train_names: list[str], validation_names: Optional[list
     return [train_names.index(name) for name in validation_names]
 
 
-def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HiViTMAEForImageClassification:
+def build_model(
+    model_args: ModelArguments, recipe: FineTuningRecipe, start: str, id2label: dict[int, str]
+) -> HiViTMAEForImageClassification:
+    """The classifier the recipe trains, from the `start` kind of folder (`starting_point`); `model_args` carries the
+    recipe's defaults (`apply_recipe_defaults`)."""
     config = HiViTMAEConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
-    size = (config.hidden_size, config.depths)
-    arch = next((name for name, sizes in HIVIT_ARCHS.items() if (sizes["hidden_size"], sizes["depths"]) == size), None)
-    drop_path_rate = DROP_PATH_RATES.get(arch, 0.1) if model_args.drop_path_rate is None else model_args.drop_path_rate
+    had_fc_norm = config.use_fc_norm
     overrides = {
-        "use_relative_position_bias": True,
-        "layer_norm_eps": 1e-5,
-        "drop_path_rate": drop_path_rate,
+        **recipe.config_overrides(start),
+        "drop_path_rate": model_args.drop_path_rate,
         **parse_config_overrides(model_args.config_overrides),
     }
     apply_config_overrides(config, overrides)
@@ -356,34 +431,96 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> HiViTMA
         ignore_mismatched_sizes=True,  # the head of a classifier for other classes
         output_loading_info=True,
     )
-    # Only the head and relative position tables the source lacks may start afresh; any other encoder weight that
-    # is missing or of another shape means the source does not fit this config.
-    fresh = ("classifier.", "relative_position_bias_table")
-    missing = sorted(key for key in info["missing_keys"] if not key.startswith(fresh[0]) and fresh[1] not in key)
+    # Only the head, fc_norm and relative position tables the source lacks may start afresh; any other encoder weight
+    # that is missing or of another shape means the source does not fit this config.
+    allowed = ("classifier.", "fc_norm.", "relative_position_bias_table")
     mismatched = sorted(entry[0] if isinstance(entry, tuple) else entry for entry in info["mismatched_keys"])
-    mismatched = [key for key in mismatched if not key.startswith(fresh[0])]
-    if missing or mismatched:
+    fresh = set(info["missing_keys"]) | set(mismatched)
+    unfit = sorted(key for key in fresh if not key.startswith(allowed[:2]) and allowed[2] not in key)
+    if unfit:
+        missing = [key for key in unfit if key in info["missing_keys"]]
+        mismatched = [key for key in unfit if key not in info["missing_keys"]]
         raise ValueError(
             f"{model_args.model_name_or_path} does not fit the fine-tuning config: "
             f"{'missing ' + ', '.join(missing[:5]) if missing else ''}"
             f"{'; ' if missing and mismatched else ''}"
             f"{'other shapes for ' + ', '.join(mismatched[:5]) if mismatched else ''}"
         )
-    logger.info("New weights: %s", ", ".join(sorted(info["missing_keys"])) or "none")
+    if config.use_fc_norm and not had_fc_norm:
+        fresh |= {"classifier.weight", "classifier.bias"}  # a head trained without fc_norm does not fit its output
+    initialise_fresh_weights(model, recipe, fresh, model_args.head_init_std)
+    logger.info("New weights: %s", ", ".join(sorted(fresh)) or "none")
     return model
+
+
+def parse_args(
+    user_args: list[str],
+) -> tuple[ModelArguments, DataArguments, TrainingArguments, FineTuningRecipe, str]:
+    """The arguments with the recipe's defaults under the command line's, the recipe and the kind of starting folder
+    (`starting_point`)."""
+    types = (ModelArguments, DataArguments, TrainingArguments)
+    # The recipe depends on the starting folder, and its Trainer defaults must come before the command line's.
+    model_args = parse_training_args(types, SCRIPT_ARGS + user_args)[0]
+    check_model_path(model_args.model_name_or_path)
+    source_config = HiViTMAEConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    recipe, start = choose_recipe(source_config, model_args.recipe)
+    model_args, data_args, training_args = parse_training_args(
+        types, SCRIPT_ARGS + list(recipe.trainer_args) + user_args
+    )
+    apply_recipe_defaults(model_args, recipe, source_config)
+    return model_args, data_args, training_args, recipe, start
+
+
+def apply_recipe_defaults(model_args: ModelArguments, recipe: FineTuningRecipe, config: HiViTMAEConfig):
+    """Give every recipe setting that the command line left unset the recipe's value."""
+    if model_args.base_learning_rate is None:
+        model_args.base_learning_rate = recipe.base_learning_rate
+    if model_args.layer_decay is None:
+        model_args.layer_decay = recipe.layer_decay
+    if model_args.head_init_std is None:
+        model_args.head_init_std = recipe.head_init_std
+    if model_args.drop_path_rate is None:
+        model_args.drop_path_rate = recipe.drop_path_rate_for(config)
+
+
+def recipe_card(
+    recipe: FineTuningRecipe, chosen_by: str, model_args: ModelArguments, training_args: TrainingArguments, batch: int
+) -> str:
+    """The model card's section on the fine-tuning recipe, with the values this run used."""
+    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    rows = {
+        "recipe": f"`{recipe.name}`: {recipe.source}; {chosen_by}",
+        "started from": f"`{model_args.model_name_or_path}`",
+        "learning rate": f"{training_args.learning_rate:.3g} at total batch {batch} (base "
+        f"{model_args.base_learning_rate:g} x batch / {recipe.learning_rate_per_images} unless given)",
+        "layer-wise learning-rate decay": model_args.layer_decay or "none",
+        "weight decay": f"{training_args.weight_decay} (none on 1-D parameters, position tables)",
+        "schedule": f"{scheduler} {json.dumps(training_args.lr_scheduler_kwargs)}, warm-up "
+        f"{training_args.warmup_steps or getattr(training_args, 'warmup_ratio', 0)}, "
+        f"{training_args.num_train_epochs:g} epochs",
+        "gradient clipping": training_args.max_grad_norm or "none",
+        "drop path": model_args.drop_path_rate,
+        "fresh head": f"truncated normal({model_args.head_init_std or 'initializer_range'})",
+        "Mixup / CutMix / label smoothing": f"{model_args.mixup_alpha} / {model_args.cutmix_alpha} / "
+        f"{model_args.label_smoothing}",
+    }
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows.items())
+    return f"\n## Fine-tuning recipe\n\n| | |\n|---|---|\n{table}\n"
 
 
 def main(args: Optional[list[str]] = None) -> dict[str, float]:
     """Parse `args` (default: the command line), fine-tune, evaluate and return the final metrics."""
     user_args = list(sys.argv[1:] if args is None else args)
-    model_args, data_args, training_args = parse_training_args(
-        (ModelArguments, DataArguments, TrainingArguments), RECIPE_ARGS + user_args
-    )
+    model_args, data_args, training_args, recipe, start = parse_args(user_args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     datasets.utils.logging.set_verbosity(logging.WARNING)
     transformers.utils.logging.set_verbosity(logging.WARNING)
+    chosen_by = "picked by --recipe" if model_args.recipe != "auto" else f"picked for {START_DESCRIPTIONS[start]}"
+    logger.info("Fine-tuning recipe: %s (%s), %s", recipe.name, recipe.source, chosen_by)
 
-    total_batch = scale_learning_rate(training_args, user_args, model_args.base_learning_rate, 512)
+    total_batch = scale_learning_rate(
+        training_args, user_args, model_args.base_learning_rate, recipe.learning_rate_per_images
+    )
     resume = resolve_resume(training_args)
     check_training_output(
         training_args,
@@ -391,7 +528,6 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         inputs=[data_args.train_dir, data_args.validation_dir],
         source_model=model_args.model_name_or_path,
     )
-    check_model_path(model_args.model_name_or_path)
     set_seed(training_args.seed)
 
     train, validation = load_splits(data_args, model_args.cache_dir)
@@ -411,7 +547,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         training_args.eval_strategy = IntervalStrategy.NO
         logger.info("No validation set (--validation_dir, --validation_split, --validation_fraction): no evaluation")
 
-    model = build_model(model_args, id2label)
+    model = build_model(model_args, recipe, start, id2label)
     size = model.config.image_size
     settings = preprocessor_config(size)
     del settings["image_processor_type"]
@@ -451,6 +587,8 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         label_smoothing=model_args.label_smoothing,
         mix=batch_mix(num_labels, model_args.mixup_alpha, model_args.cutmix_alpha),
         callbacks=[CheckpointCompleteCallback()],
+        layer_decay=model_args.layer_decay,
+        recipe_card=recipe_card(recipe, chosen_by, model_args, training_args, total_batch),
     )
     result = trainer.train(resume_from_checkpoint=resume)
     # The final model goes to a staging folder and moves into place once complete.
@@ -465,6 +603,12 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         trainer.save_metrics("eval", evaluation)
         metrics.update(evaluation)
     trainer.save_state()
+    if not training_args.push_to_hub:  # pushing writes the card itself
+        # A Hub id becomes the card's base model; a local folder is named in the recipe section.
+        hub_id = None if os.path.isdir(model_args.model_name_or_path) else model_args.model_name_or_path
+        trainer.create_model_card(
+            finetuned_from=hub_id, tasks="image-classification", tags=["hivit", "image-classification"]
+        )
     return metrics
 
 
