@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="hivit-mae",
@@ -19,6 +19,7 @@ setup(
         "run_classification",
         "visualize_reconstruction",
     ],
+    packages=find_packages(include=["hivit_mae_tools", "hivit_mae_tools.*"]),
     install_requires=[
         "torch>=2.1",
         "transformers>=4.57",
