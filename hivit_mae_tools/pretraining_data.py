@@ -68,8 +68,9 @@ def seeded_noise(seed: int, index: int, num_patches: int) -> torch.Tensor:
 
 
 class ImageTransform:
-    """Batch function of the training set: decode (`decode`), augment to uint8 `pixel_values` (and draw per-image
-    `noise` from `sample_index` with `masking_seed`). A class so that dataloader workers can pickle it."""
+    """Batch function of the training set: decode each value of `image_column` with `decode` (value -> RGB PIL image),
+    augment it with `transform` into uint8 `pixel_values`, and with `masking_seed` draw per-image `noise` from the
+    `sample_index` column. A class so that dataloader workers can pickle it."""
 
     def __init__(
         self,
@@ -77,10 +78,9 @@ class ImageTransform:
         transform: Callable,
         num_patches: int,
         masking_seed: Optional[int] = None,
-        decode: Optional[Callable[[Any], Any]] = None,
+        *,
+        decode: Callable[[Any], Any],
     ):
-        if decode is None:
-            raise ValueError("ImageTransform needs `decode`, the function that turns a value of the column into RGB")
         self.image_column = image_column
         self.transform = transform
         self.num_patches = num_patches

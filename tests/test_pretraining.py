@@ -400,6 +400,10 @@ def test_speed_flags_bf16_gradient_checkpointing_workers(image_dir, tmp_path):
     )
     assert summary["global_step"] == 2
     assert all(np.isfinite(loss) for _, loss in summary["losses"])
+    # Step times, end to end: the first one includes starting the workers; not compiled, so no compile time.
+    assert 0 < summary["median_step_seconds"] < summary["train_seconds"]
+    assert summary["first_step_seconds"] < summary["train_seconds"]
+    assert "compile_seconds" not in summary
 
 
 # ------------------------------------------------------------------------------------------------ input pipeline
