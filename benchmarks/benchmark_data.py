@@ -1,17 +1,17 @@
 """Throughput of `run_pretraining.py`'s training DataLoader, for 1..N workers, beside the decode-only ceiling.
 
-    python benchmarks/benchmark_data.py                          # 1 .. all cores, with the previous pipeline
-    python benchmarks/benchmark_data.py --workers 1 2 4 8 14 --images 2048 --batch-size 256 --device cuda
+    python benchmarks/benchmark_data.py --baseline               # 1 .. all cores, and the previous pipeline
+    python benchmarks/benchmark_data.py --workers 1 2 4 8 14 --images 3072 --device cuda
 
-It writes a folder of ImageNet-like JPEGs (500x375 by default: smooth colour fields, shapes and sensor-like noise,
-quality 90) into a temporary folder, or reads `--train_dir`, and builds the DataLoader the way `run_pretraining.py`
-does: its argument defaults, `load_train_dataset`, `prepare_train_dataset`, `build_trainer` and the Trainer's own
-`get_train_dataloader()` (so `accelerate` moves each batch to `--device` as in training). For each worker count it
-times whole epochs after the first batch (worker start-up excluded), `--repeats` times interleaved over the
-settings, and prints the median images/s with its spread, the scaling efficiency (images/s over `workers` x the
-one-worker rate) and the fraction of the ceiling: `workers` x the rate at which one process only decodes
-(`load_image`) the same files. `--baseline` also times the previous pipeline (Pillow's crop, `ToTensor` and
-`Normalize` in the workers, float32 batches) through the same DataLoader.
+It writes ImageNet-like JPEGs (500x375 by default: smooth colour fields, shapes and sensor-like noise, quality 90;
+256 different ones, hard-linked as often as needed) into a temporary folder, or reads `--train_dir`, and builds the
+DataLoader the way `run_pretraining.py` does: its argument defaults, `load_train_dataset`, `prepare_train_dataset`,
+`build_trainer` and the Trainer's own `get_train_dataloader()` (so `accelerate` moves each batch to `--device` as in
+training). For each worker count it times the batches after each worker's first one (worker start-up excluded),
+`--repeats` times interleaved over the settings, and prints the median images/s with its spread, the scaling
+efficiency (images/s over `workers` x the one-worker rate) and the fraction of the ceiling: `workers` x the rate at
+which one process only decodes (`load_image`) the same files. `--baseline` also times the previous pipeline
+(Pillow's crop, `ToTensor` and `Normalize` in the workers, float32 batches) through the same DataLoader.
 """
 
 import argparse
@@ -39,13 +39,17 @@ from modeling_hivit_mae import HiViTMAEForPreTraining  # noqa: E402
 from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD  # noqa: E402
 
 
-def make_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
+def make_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int = 0, unique: int = 256) -> Path:
     """`count` JPEGs of `size` (width, height) with the content photographs have: smooth colour gradients, a few
-    sharp-edged shapes and noise, so that they compress (and decode) like photographs, not like flat colour."""
+    sharp-edged shapes and noise, so that they compress (and decode) like photographs, not like flat colour. The
+    first `unique` are drawn, the others are hard links to them (decoding costs the same; writing is quicker)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     width, height = size
     for index in range(count):
+        if index >= unique:
+            os.link(folder / f"{index % unique:05d}.jpg", folder / f"{index:05d}.jpg")
+            continue
         x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None] * rng.random(3, dtype=np.float32)
         y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None] * rng.random(3, dtype=np.float32)
         array = (x + y) * 120 + 10
@@ -110,12 +114,14 @@ def build_loader(args, model, workers: int, pipeline: str):
     return trainer.get_train_dataloader()
 
 
-def time_epoch(loader, device: torch.device) -> float:
-    """Images/s over one epoch, from the first batch's arrival (workers started) to the last one's."""
+def time_batches(loader, workers: int, device: torch.device) -> float:
+    """Images/s in the steady state: the first batch of every worker is skipped (worker start-up), then the next
+    `max(4, 2 * workers)` batches are timed (fewer if the epoch ends first)."""
     iterator = iter(loader)
-    next(iterator)
+    for _ in range(max(workers, 1)):
+        next(iterator)
     images, start = 0, time.perf_counter()
-    for batch in iterator:
+    for _, batch in zip(range(max(4, 2 * workers)), iterator):
         images += len(batch["pixel_values"])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -141,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=224, help="crop size (the model's image size)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=list(range(1, (os.cpu_count() or 1) + 1)))
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per setting (median and spread)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median and spread)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--baseline", action="store_true", help="also time the previous float32 pipeline")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -175,7 +181,7 @@ def main(argv=None):
         rates = {setting: [] for setting in settings}
         for _ in range(args.repeats):
             for setting in settings:
-                rates[setting].append(time_epoch(loaders[setting], device))
+                rates[setting].append(time_batches(loaders[setting], setting[1], device))
 
     print(
         f"\n{len(files)} images ({source}), crop {args.image_size}, "
