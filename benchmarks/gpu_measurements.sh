@@ -10,6 +10,7 @@
 # Base model, batch 256, bf16 autocast. Each stage has its own time limit and the run goes on when one fails.
 #
 #   bash benchmarks/gpu_measurements.sh [--smoke] [LOG_DIR]     # LOG_DIR: default $OUT, else ./gpu_measurements
+#   STAGES=compiled,e2e bash benchmarks/gpu_measurements.sh     # only some stages (data, eager, compiled, e2e)
 #
 # mmpretrain and its dependencies are installed (no index, no dependencies resolved) from wheels in .whl/ when that
 # folder exists and mmpretrain is not importable. --smoke runs every stage at toy sizes on whatever device there is
@@ -44,9 +45,12 @@ fi
 OURS="hivit-mae (ours)"
 MMPRETRAIN="mmpretrain MAE-HiViT"
 
-stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log the time taken and the exit status
-    local name=$1 limit=$2 start=$SECONDS
-    shift 2
+STAGES=",${STAGES:-data,eager,compiled,e2e},install,"
+
+stage() {  # stage KEY NAME SECONDS COMMAND...: run with a time limit, log the time taken and the exit status
+    local key=$1 name=$2 limit=$3 start=$SECONDS
+    shift 3
+    [[ $STAGES == *",$key,"* ]] || return 0
     echo
     echo "=== $name ($(date -u '+%Y-%m-%d %H:%M:%S') UTC, limit ${limit}s)"
     echo "+ $*"
@@ -59,23 +63,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 echo "CPU cores: $(nproc)"
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 if ! "$PYTHON" -c "import mmpretrain" 2>/dev/null && [[ -d .whl ]]; then
-    stage "install mmpretrain from .whl/" 120 "$PYTHON" -m pip install --quiet --no-index --no-deps .whl/*.whl
+    stage install "install mmpretrain from .whl/" 120 "$PYTHON" -m pip install --quiet --no-index --no-deps .whl/*.whl
 fi
 "$PYTHON" -c "import mmpretrain, mmengine; print('mmpretrain', mmpretrain.__version__, 'mmengine', mmengine.__version__)"
 
-stage "data pipeline" "${LIMIT[0]}" "$PYTHON" benchmarks/benchmark_data.py "${DATA[@]}" --baseline \
+stage data "data pipeline" "${LIMIT[0]}" "$PYTHON" benchmarks/benchmark_data.py "${DATA[@]}" --baseline \
     --json "$LOG_DIR/data_pipeline.json"
-stage "model, eager" "${LIMIT[1]}" "$PYTHON" benchmarks/benchmark.py "${MODEL[@]}" --only "$OURS" "$MMPRETRAIN" \
+stage eager "model, eager" "${LIMIT[1]}" "$PYTHON" benchmarks/benchmark.py "${MODEL[@]}" --only "$OURS" "$MMPRETRAIN" \
     --json "$LOG_DIR/model_eager.json"
-stage "model, compiled" "${LIMIT[2]}" "$PYTHON" benchmarks/benchmark.py "${MODEL[@]}" --compile \
+stage compiled "model, compiled" "${LIMIT[2]}" "$PYTHON" benchmarks/benchmark.py "${MODEL[@]}" --compile \
     --only "$OURS" "$MMPRETRAIN" "$MMPRETRAIN compiled" --json "$LOG_DIR/model_compiled.json"
 
-JPEGS="$LOG_DIR/jpegs"
-"$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; import benchmark_data as b; \
+if [[ $STAGES == *",e2e,"* ]]; then
+    JPEGS="$LOG_DIR/jpegs"
+    "$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; import benchmark_data as b; \
 w, h = map(int, '${E2E_IMAGES[1]}'.split('x')); b.make_jpegs(Path('$JPEGS'), ${E2E_IMAGES[0]}, (w, h))"
-stage "end to end, run_pretraining.py" "${LIMIT[3]}" "$PYTHON" run_pretraining.py --train_dir "$JPEGS" "${E2E[@]}" \
-    --output_dir "$LOG_DIR/pretraining" --save_strategy no --reconstruction_figure False --logging_steps 10
-"$PYTHON" - "$LOG_DIR/pretraining/pretraining_summary.json" <<'EOF'
+    stage e2e "end to end, run_pretraining.py" "${LIMIT[3]}" "$PYTHON" run_pretraining.py --train_dir "$JPEGS" \
+        "${E2E[@]}" --output_dir "$LOG_DIR/pretraining" --save_strategy no --reconstruction_figure False \
+        --logging_steps 10
+    "$PYTHON" - "$LOG_DIR/pretraining/pretraining_summary.json" <<'EOF'
 import json, sys
 
 summary = json.load(open(sys.argv[1]))
@@ -85,5 +91,6 @@ print(
     f"compilation {summary.get('compile_seconds', 0):.1f} s)"
 )
 EOF
-rm -rf "$JPEGS" "$LOG_DIR/pretraining/"*.safetensors
+    rm -rf "$JPEGS" "$LOG_DIR/pretraining/"*.safetensors
+fi
 echo "=== done: $LOG_DIR/gpu_measurements.log"
