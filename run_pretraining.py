@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,6 @@ import torch
 import transformers
 from datasets import Dataset, load_dataset
 from PIL import Image
-from torchvision import transforms
 from transformers import (
     BitImageProcessor,
     Trainer,
@@ -48,6 +48,13 @@ from hivit_mae_tools.cli import UserError, check_model_path, run_cli
 from hivit_mae_tools.conversion.writer import preprocessor_config
 from hivit_mae_tools.images import check_dataset_images, load_image
 from hivit_mae_tools.outputs import staged_output
+from hivit_mae_tools.pretraining_data import (
+    ImageTransform,
+    build_transform,
+    collate_fn,
+    normalize_pixel_values,
+    set_train_transform,
+)
 from hivit_mae_tools.training import (
     CheckpointCompleteCallback,
     check_training_output,
@@ -55,7 +62,7 @@ from hivit_mae_tools.training import (
     resolve_resume,
 )
 from modeling_hivit_mae import HiViTMAEForPreTraining
-from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD, stack_vertically, visualize
+from visualize_reconstruction import stack_vertically, visualize
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +118,9 @@ RECIPE_ARGS = [
     "False",
     "--report_to",
     "none",
+    # Full batches only: a last, smaller batch of an epoch would make a compiled model compile again for its shape.
+    "--dataloader_drop_last",
+    "True",
 ]
 
 # The built-in demo (no --dataset_name / --train_dir): a small model that visibly learns in a few minutes on 2 CPU
@@ -188,6 +198,16 @@ class DataTrainingArguments:
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Truncate the training set to this many images (debugging)."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream --dataset_name instead of downloading it whole first (datasets' `streaming=True`); "
+            "needs --max_steps, since a stream has no length."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000, metadata={"help": "With --streaming: images in the buffer that shuffles the stream."}
+    )
     crop_min_scale: float = field(
         default=0.2, metadata={"help": "Smallest area fraction of RandomResizedCrop (mmpretrain: 0.2)."}
     )
@@ -219,48 +239,6 @@ class DataTrainingArguments:
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def build_transform(image_size: int, augment: bool = True, crop_min_scale: float = 0.2) -> transforms.Compose:
-    """mmpretrain's MAE pipeline (RandomResizedCrop bicubic + flip) followed by ImageNet normalisation."""
-    normalize = transforms.Normalize(IMAGE_MEAN, IMAGE_STD)
-    bicubic = transforms.InterpolationMode.BICUBIC
-    if augment:
-        steps = [
-            transforms.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0), interpolation=bicubic),
-            transforms.RandomHorizontalFlip(),
-        ]
-    else:
-        steps = [transforms.Resize(image_size, interpolation=bicubic), transforms.CenterCrop(image_size)]
-    return transforms.Compose([*steps, transforms.ToTensor(), normalize])
-
-
-def seeded_noise(seed: int, index: int, num_patches: int) -> torch.Tensor:
-    """Masking noise of one image that depends only on `(seed, index)`."""
-    return torch.rand(num_patches, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
-
-
-class ImageTransform:
-    """`dataset.set_transform` function: decode, augment and normalise a batch of rows into `pixel_values` (and
-    per-image `noise` with `masking_seed`). A class so that dataloader workers can pickle it."""
-
-    def __init__(self, image_column, transform, num_patches, masking_seed=None):
-        self.image_column = image_column
-        self.transform = transform
-        self.num_patches = num_patches
-        self.masking_seed = masking_seed
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        output = {"pixel_values": [self.transform(load_image(value)) for value in batch[self.image_column]]}
-        if self.masking_seed is not None:
-            output["noise"] = [seeded_noise(self.masking_seed, i, self.num_patches) for i in batch["sample_index"]]
-        return output
-
-
-def collate_fn(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack the transformed examples into the model's `pixel_values` (and `noise`)."""
-    batch = {"pixel_values": torch.stack([example["pixel_values"] for example in examples])}
-    if "noise" in examples[0]:
-        batch["noise"] = torch.stack([example["noise"] for example in examples])
-    return batch
 
 
 def builtin_images(names=BUILTIN_IMAGES, max_side: int = 320) -> dict[str, Image.Image]:
@@ -305,12 +283,13 @@ def check_image_folder(train_dir: str):
 
 
 def find_image_column(dataset: Dataset, requested: Optional[str]) -> str:
-    columns = dataset.column_names
+    columns = dataset.column_names or []
     if requested is not None:
         if requested not in columns:
             raise ValueError(f"--image_column_name {requested!r} is not a column of the dataset; columns: {columns}")
         return requested
-    image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+    features = dataset.features or {}  # a stream may not know its features
+    image_columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
     if len(image_columns) == 1:
         return image_columns[0]
     for name in ("image", "img"):
@@ -320,13 +299,19 @@ def find_image_column(dataset: Dataset, requested: Optional[str]) -> str:
 
 
 def load_train_dataset(data_args: DataTrainingArguments, model_args: ModelArguments) -> tuple[Dataset, str, str]:
-    """The training split, its image column and a short description of where it came from."""
+    """The training split (an `IterableDataset` with --streaming), its image column and a short description of where
+    it came from."""
+    if data_args.streaming and data_args.dataset_name is None:
+        raise ValueError("--streaming streams a --dataset_name; a --train_dir is read in place already")
+    if data_args.streaming and data_args.masking_seed is not None:
+        raise ValueError("--masking_seed needs the index of every image, which a stream (--streaming) does not give")
     if data_args.dataset_name is not None:
         dataset = load_dataset(
             data_args.dataset_name,
             data_args.dataset_config_name,
             split=data_args.train_split,
             cache_dir=model_args.cache_dir,
+            streaming=data_args.streaming,
             **({"trust_remote_code": True} if model_args.trust_remote_code else {}),
         )
         source = f"Hub dataset `{data_args.dataset_name}` (split `{data_args.train_split}`)"
@@ -339,12 +324,16 @@ def load_train_dataset(data_args: DataTrainingArguments, model_args: ModelArgume
     else:
         dataset = builtin_dataset()
         source = "scikit-image's sample photographs (built-in demo)"
-    if len(dataset) == 0:
+    streamed = isinstance(dataset, datasets.IterableDataset)
+    if not streamed and len(dataset) == 0:
         raise ValueError(f"The training set from {source} is empty")
     column = find_image_column(dataset, data_args.image_column_name)
     if data_args.max_train_samples is not None:
-        dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
-    if isinstance(dataset.features[column], datasets.Image):
+        if streamed:
+            dataset = dataset.take(data_args.max_train_samples)
+        else:
+            dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+    if isinstance((dataset.features or {}).get(column), datasets.Image):
         # Decode in our transform, so that an unreadable file is reported with its path.
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     if data_args.train_dir is not None:
@@ -386,12 +375,18 @@ def get_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[di
 
 
 class MAETrainer(Trainer):
-    """Trainer with mmpretrain's weight-decay grouping and a model card describing the run."""
+    """Trainer with mmpretrain's weight-decay grouping, the uint8 batches of `hivit_mae_tools.pretraining_data`
+    normalised on the training device, and a model card describing the run."""
 
     model_card_text: Optional[str] = None
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # The batch is already on the device here: normalising after the copy moves a quarter of float32's bytes.
+        inputs = {**inputs, "pixel_values": normalize_pixel_values(inputs["pixel_values"])}
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def create_model_card(self, *args, **kwargs):
         if self.model_card_text is None:
@@ -409,6 +404,49 @@ class RankSeedCallback(TrainerCallback):
             torch.manual_seed(args.seed + args.process_index)
 
 
+class StepTimeCallback(TrainerCallback):
+    """Times the optimizer steps end to end (data loading included) and logs the first against the median of the later
+    ones: with --torch_compile the difference is the compilation time. The figures land in `seconds`, with the
+    steady-state throughput in images/s."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.durations: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.durations.append(now - self.last)
+        self.last = now
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if len(self.durations) < 2:
+            return
+        first, later = self.durations[0], statistics.median(self.durations[1:])
+        total_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        self.seconds = {
+            "first_step_seconds": first,
+            "median_step_seconds": later,
+            "images_per_second": total_batch / later,
+        }
+        if args.torch_compile:
+            self.seconds["compile_seconds"] = first - later
+            logger.info("torch.compile: %.1f s (first step %.1f s, later steps %.3f s)", first - later, first, later)
+        else:
+            logger.info("First step %.2f s, later steps %.3f s (not compiled)", first, later)
+
+
+def compile_by_default(training_args: TrainingArguments, user_args: list[str]) -> bool:
+    """Whether to turn on `--torch_compile`: on CUDA, unless the command line sets it (`--torch_compile False` opts
+    out) or a compile backend / mode, which turn it on anyway."""
+    if training_args.torch_compile or training_args.use_cpu or not torch.cuda.is_available():
+        return False
+    flags = ("--torch_compile", "--torch_compile_backend", "--torch_compile_mode")
+    return not any(arg.split("=")[0] in flags for arg in user_args)
+
+
 def scale_learning_rate(
     training_args: TrainingArguments, user_args: list[str], base_learning_rate: float, per_images: int
 ) -> int:
@@ -423,6 +461,38 @@ def scale_learning_rate(
     if not any(arg == "--learning_rate" or arg.startswith("--learning_rate=") for arg in user_args):
         training_args.learning_rate = base_learning_rate * total_batch / per_images
     return total_batch
+
+
+def prepare_train_dataset(
+    dataset, image_column: str, config: HiViTMAEConfig, data_args: DataTrainingArguments, seed: int
+):
+    """The dataset the Trainer loads from: `dataset` (from `load_train_dataset`) decoding and augmenting on access,
+    a stream shuffled through a buffer first."""
+    if isinstance(dataset, datasets.IterableDataset):
+        dataset = dataset.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    transform = ImageTransform(
+        image_column,
+        build_transform(config.image_size, data_args.augment, data_args.crop_min_scale),
+        config.num_patches,
+        data_args.masking_seed,
+        decode=load_image,
+    )
+    return set_train_transform(dataset, transform)
+
+
+def build_trainer(model, training_args: TrainingArguments, train_dataset, callbacks=()) -> "MAETrainer":
+    """The Trainer of `main`; `trainer.get_train_dataloader()` is the training DataLoader (benchmarks use it)."""
+    # Saved with the weights and every checkpoint, so that `AutoImageProcessor` loads from them for downstream use.
+    settings = preprocessor_config(model.config.image_size)
+    del settings["image_processor_type"]
+    return MAETrainer(
+        model=model,
+        args=training_args,
+        processing_class=BitImageProcessor(**settings),
+        train_dataset=train_dataset,
+        data_collator=collate_fn,
+        callbacks=[RankSeedCallback(), CheckpointCompleteCallback(), *callbacks],
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- model
@@ -535,11 +605,19 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     types = (ModelArguments, DataTrainingArguments, TrainingArguments)
     model_args, data_args, training_args = parse_training_args(types, RECIPE_ARGS + user_args)
     demo = data_args.dataset_name is None and data_args.train_dir is None
+    defaults = []
     if demo:
-        defaults = DEMO_ARGS + ["--arch", "tiny"]
+        defaults += DEMO_ARGS + ["--arch", "tiny"]
         if model_args.model_name_or_path is None:
             defaults += ["--config_overrides", DEMO_CONFIG_OVERRIDES]
+    if compile_by_default(training_args, user_args):
+        defaults += ["--torch_compile", "True"]
+    if defaults:
         model_args, data_args, training_args = parse_training_args(types, RECIPE_ARGS + defaults + user_args)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise UserError(
+            "--streaming needs --max_steps: a stream has no length, so epochs cannot be counted", usage=True
+        )
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -568,17 +646,12 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     model = build_model(model_args)
     config = model.config
     with training_args.main_process_first(desc="loading the dataset"):
-        train_dataset, image_column, source = load_train_dataset(data_args, model_args)
-    num_patches = config.num_patches
-    train_dataset.set_transform(
-        ImageTransform(
-            image_column,
-            build_transform(config.image_size, data_args.augment, data_args.crop_min_scale),
-            num_patches,
-            data_args.masking_seed,
-        )
-    )
-    logger.info("Training on %d images from %s", len(train_dataset), source)
+        raw_dataset, image_column, source = load_train_dataset(data_args, model_args)
+    train_dataset = prepare_train_dataset(raw_dataset, image_column, config, data_args, training_args.seed)
+    streamed = isinstance(train_dataset, datasets.IterableDataset)
+    logger.info("Training on %s images from %s", "streamed" if streamed else len(train_dataset), source)
+    if training_args.torch_compile:
+        logger.info("Compiling the model (--torch_compile False to run eagerly); the first step includes compilation")
 
     is_main = training_args.process_index == 0
     output_dir = Path(training_args.output_dir)
@@ -588,24 +661,18 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         if demo:
             figure_images = list(builtin_images(BUILTIN_FIGURE_IMAGES).values())
         else:
-            raw = train_dataset.with_format(None).select(range(min(3, len(train_dataset))))
-            figure_images = [load_image(row[image_column]) for row in raw.to_list()]
+            if streamed:
+                rows = raw_dataset.take(3)
+            else:
+                rows = raw_dataset.with_format(None).select(range(min(3, len(raw_dataset))))
+            figure_images = [load_image(row[image_column]) for row in rows]
         if resume is None:
             before, summary["figure_loss_before"] = visualize(model, figure_images, title="step 0")
             output_dir.mkdir(parents=True, exist_ok=True)
             before.save(output_dir / "reconstruction_step0.png", optimize=True)
 
-    # Saved with the weights and every checkpoint, so that `AutoImageProcessor` loads from them for downstream use.
-    settings = preprocessor_config(config.image_size)
-    del settings["image_processor_type"]
-    trainer = MAETrainer(
-        model=model,
-        args=training_args,
-        processing_class=BitImageProcessor(**settings),
-        train_dataset=train_dataset,
-        data_collator=collate_fn,
-        callbacks=[RankSeedCallback(), CheckpointCompleteCallback(), *(callbacks or [])],
-    )
+    step_times = StepTimeCallback()
+    trainer = build_trainer(model, training_args, train_dataset, [step_times, *(callbacks or [])])
     start = time.time()
     train_result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.time() - start
@@ -625,6 +692,7 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
             "train_seconds": elapsed,
             "learning_rate": training_args.learning_rate,
             "total_batch": total_batch,
+            **step_times.seconds,
         }
     )
     # The final model, figures, card and summary go to a staging folder and move into place together at the end.

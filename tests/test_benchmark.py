@@ -21,7 +21,8 @@ def test_benchmark_runs_and_reports_every_contender(tmp_path, capsys):
     benchmark.main([*TINY, "--no-memory", "--json", str(output)])
     printed = capsys.readouterr().out
     assert "| hivit-mae (ours) | pre-training step |" in printed
-    assert "speed ours / mmpretrain MAE-HiViT, step:" in printed
+    # Each ratio says what ran on each side.
+    assert "speed ours (eager) / mmpretrain MAE-HiViT (eager), step:" in printed
     results = {(r["model"], r["mode"]): r for r in json.loads(output.read_text())["results"]}
     assert set(results) == {(name, mode) for name in benchmark.CONTENDERS for mode in ("step", "extract")}
     for result in results.values():
@@ -45,3 +46,32 @@ def test_peak_memory_subprocess(tmp_path):
     model = HiViTMAEForPreTraining(HiViTMAEConfig.from_arch("tiny", image_size=32))
     gradient_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     assert int(result.stdout.strip().splitlines()[-1]) >= 0.9 * gradient_bytes
+
+
+def test_compiled_ratios_say_what_ran_on_each_side(monkeypatch, capsys):
+    """--compile adds mmpretrain compiled beside mmpretrain eager and labels every ratio. Compiling takes minutes on
+    this CPU, so `torch.compile` is replaced: by the identity, then by a compiler that fails for mmpretrain's model,
+    which must leave that contender out with the reason and keep the rest."""
+    only = ["--only", benchmark.CONTENDERS[0], benchmark.CONTENDERS[1], benchmark.COMPILED_REFERENCE]
+    monkeypatch.setattr(benchmark.torch, "compile", lambda function, **kwargs: function)
+    benchmark.main([*TINY, "--no-memory", "--compile", *only])
+    printed = capsys.readouterr().out
+    assert "speed ours (compiled) / mmpretrain MAE-HiViT (eager), step:" in printed
+    assert "speed ours (compiled) / mmpretrain MAE-HiViT (compiled), extract:" in printed
+
+    def fails_for_mmpretrain(function, **kwargs):
+        if getattr(function, "__name__", "") != "reference_loss":
+            return function
+
+        def failing():
+            raise RuntimeError("cannot compile this")
+
+        return failing
+
+    monkeypatch.setattr(benchmark.torch, "compile", fails_for_mmpretrain)
+    benchmark.main([*TINY, "--no-memory", "--compile", *only])
+    printed = capsys.readouterr().out
+    reason = "torch.compile failed: RuntimeError: cannot compile this"
+    assert f"mmpretrain MAE-HiViT compiled: left out, {reason}" in printed
+    assert "speed ours (compiled) / mmpretrain MAE-HiViT (eager), step:" in printed
+    assert "(compiled) / mmpretrain MAE-HiViT (compiled)" not in printed

@@ -405,3 +405,98 @@ def test_speed_flags_bf16_gradient_checkpointing_workers(image_dir, tmp_path):
     )
     assert summary["global_step"] == 2
     assert all(np.isfinite(loss) for _, loss in summary["losses"])
+    # Step times, end to end: the first one includes starting the workers; not compiled, so no compile time.
+    assert 0 < summary["median_step_seconds"] < summary["train_seconds"]
+    assert summary["first_step_seconds"] < summary["train_seconds"]
+    assert "compile_seconds" not in summary
+
+
+# ------------------------------------------------------------------------------------------------ input pipeline
+def test_dataloader_hands_over_full_uint8_batches_normalised_on_the_device(tmp_path):
+    """The DataLoader `run_pretraining.py` trains from gives uint8 crops, drops the last partial batch, and the
+    Trainer normalises on the device exactly as torchvision's ToTensor + Normalize."""
+    from torchvision import transforms
+
+    folder = make_images(tmp_path / "train", 10)
+    parser = run_pretraining.HfArgumentParser(
+        (run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments, run_pretraining.TrainingArguments)
+    )
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+        args=run_pretraining.RECIPE_ARGS + base_args(folder, tmp_path / "out")
+    )
+    model = HiViTMAEForPreTraining(HiViTMAEConfig.from_arch("tiny", **TINY_CONFIG))
+    raw, column, _ = run_pretraining.load_train_dataset(data_args, model_args)
+    dataset = run_pretraining.prepare_train_dataset(raw, column, model.config, data_args, training_args.seed)
+    trainer = run_pretraining.build_trainer(model, training_args, dataset)
+    batches = list(trainer.get_train_dataloader())
+    assert [tuple(batch["pixel_values"].shape) for batch in batches] == [(4, 3, 32, 32)] * 2  # 10 images: 4 + 4
+    pixel_values = batches[0]["pixel_values"]
+    assert pixel_values.dtype == torch.uint8
+
+    noise = torch.rand(4, model.config.num_patches, generator=torch.Generator().manual_seed(0))
+    loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "noise": noise})
+    normalized = transforms.Normalize(visualize_reconstruction.IMAGE_MEAN, visualize_reconstruction.IMAGE_STD)(
+        pixel_values.float() / 255
+    )
+    assert loss.item() == pytest.approx(model(normalized, noise=noise).loss.item(), rel=1e-6)
+
+
+def test_streaming_trains_from_parquet_without_a_length(tmp_path):
+    """--streaming on a local folder of parquet files (as a Hub dataset is stored), with no network: the dataset is an
+    IterableDataset, --max_steps is required, and the run trains and draws its figure from the stream."""
+    import datasets
+
+    images = make_images(tmp_path / "images", 12)
+    data = datasets.Dataset.from_dict(
+        {"image": [str(path) for path in sorted(images.iterdir())]},
+        features=datasets.Features({"image": datasets.Image()}),
+    )
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    data.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    args = [a for a in base_args("-", tmp_path / "out") if a not in ("--train_dir", "-")]
+    args = ["--dataset_name", str(tmp_path / "hub"), "--streaming", "True", "--shuffle_buffer_size", "8", *args]
+
+    with pytest.raises(ValueError, match="--streaming needs --max_steps"):
+        run_pretraining.main(args)
+    with pytest.raises(ValueError, match="--masking_seed"):
+        run_pretraining.main([*args, "--max_steps", "1", "--masking_seed", "0"])
+    summary = run_pretraining.main([*args, "--max_steps", "3"])
+    assert summary["global_step"] == 3
+    assert all(np.isfinite(loss) for _, loss in summary["losses"])
+    assert summary["figure_loss_after"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+def test_compile_is_the_default_on_cuda_only(monkeypatch, tmp_path):
+    def decide(user_args, cuda=True, **settings):
+        training_args = run_pretraining.TrainingArguments(output_dir=str(tmp_path), **settings)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: cuda)
+            return run_pretraining.compile_by_default(training_args, user_args)
+
+    assert decide([])
+    assert not decide(["--torch_compile", "False"])  # the opt-out
+    assert not decide(["--torch_compile=false"])
+    assert not decide([], cuda=False)
+    assert not decide(["--use_cpu", "True"], use_cpu=True)
+    # A compile mode or backend turns compilation on by itself: nothing to add.
+    assert not decide(["--torch_compile_mode", "max-autotune"], torch_compile_mode="max-autotune")
+
+
+class StopAtTrainBegin(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.torch_compile = args.torch_compile
+        raise KeyboardInterrupt("stop before the first step")
+
+
+def test_compile_by_default_reaches_the_trainer(monkeypatch, image_dir, tmp_path):
+    """When `compile_by_default` says so (CUDA, no opt-out), the Trainer runs with `torch_compile`; compiling itself
+    takes minutes on this CPU, so the run stops before its first step."""
+    monkeypatch.setattr(run_pretraining, "compile_by_default", lambda training_args, user_args: True)
+    stop = StopAtTrainBegin()
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining.main(
+            base_args(image_dir, tmp_path / "out", "--max_steps", "1", "--reconstruction_figure", "False"),
+            callbacks=[stop],
+        )
+    assert stop.torch_compile is True
