@@ -66,6 +66,7 @@ from hivit_mae_tools.outputs import staged_output
 from hivit_mae_tools.training import (
     CheckpointCompleteCallback,
     check_training_output,
+    finish_processes,
     parse_training_args,
     resolve_resume,
 )
@@ -609,6 +610,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
         trainer.create_model_card(
             finetuned_from=hub_id, tasks="image-classification", tags=["hivit", "image-classification"]
         )
+    finish_processes()
     return metrics
 
 

@@ -58,6 +58,7 @@ from hivit_mae_tools.pretraining_data import (
 from hivit_mae_tools.training import (
     CheckpointCompleteCallback,
     check_training_output,
+    finish_processes,
     parse_training_args,
     resolve_resume,
 )
@@ -745,6 +746,7 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
         )
     if training_args.push_to_hub:
         trainer.push_to_hub(tags=["hivit", "mae", "image-pretraining"])
+    finish_processes()
     return summary
 
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
-from transformers import HfArgumentParser
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import run_pretraining  # noqa: E402
 from configuration_hivit_mae import HiViTMAEConfig  # noqa: E402
 from hivit_mae_tools.pretraining_data import ImageTransform, set_train_transform  # noqa: E402
+from hivit_mae_tools.training import parse_training_args  # noqa: E402
 from modeling_hivit_mae import HiViTMAEForPreTraining  # noqa: E402
 from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD  # noqa: E402
 
@@ -94,12 +94,8 @@ def build_loader(args, model, workers: int, pipeline: str):
         "--use_cpu",
         str(args.device == "cpu"),
     ]
-    parser = HfArgumentParser(
-        (run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments, run_pretraining.TrainingArguments)
-    )
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=run_pretraining.RECIPE_ARGS + user_args
-    )
+    types = (run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments, run_pretraining.TrainingArguments)
+    model_args, data_args, training_args = parse_training_args(types, run_pretraining.RECIPE_ARGS + user_args)
     config = model.config
     raw, column, _ = run_pretraining.load_train_dataset(data_args, model_args)
     if pipeline == "current":

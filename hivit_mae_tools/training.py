@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 from accelerate import PartialState
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
@@ -151,3 +152,12 @@ def check_training_output(
     # Every process checks before any of them writes (the main process writes first).
     PartialState().wait_for_everyone()
     return folder
+
+
+def finish_processes():
+    """End a training script's work in every process together: wait for all (the main process moves the final model
+    into place last), then close the process group. A process that exits while another still writes can abort in
+    the group's teardown ("terminate called without an active exception")."""
+    PartialState().wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 import run_pretraining
 import visualize_reconstruction
 from configuration_hivit_mae import HiViTMAEConfig
+from hivit_mae_tools.training import parse_training_args
 from modeling_hivit_mae import HiViTMAEForPreTraining
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -418,11 +419,9 @@ def test_dataloader_hands_over_full_uint8_batches_normalised_on_the_device(tmp_p
     from torchvision import transforms
 
     folder = make_images(tmp_path / "train", 10)
-    parser = run_pretraining.HfArgumentParser(
-        (run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments, run_pretraining.TrainingArguments)
-    )
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=run_pretraining.RECIPE_ARGS + base_args(folder, tmp_path / "out")
+    types = (run_pretraining.ModelArguments, run_pretraining.DataTrainingArguments, run_pretraining.TrainingArguments)
+    model_args, data_args, training_args = parse_training_args(
+        types, run_pretraining.RECIPE_ARGS + base_args(folder, tmp_path / "out")
     )
     model = HiViTMAEForPreTraining(HiViTMAEConfig.from_arch("tiny", **TINY_CONFIG))
     raw, column, _ = run_pretraining.load_train_dataset(data_args, model_args)
