@@ -2,7 +2,7 @@
 
 [`to_rgb`] converts every PIL mode to 8-bit RGB without losing the picture: 16-bit and 32-bit integer and float
 greyscale are scaled to 0-255 by their bit depth or real range (PIL's own `convert("RGB")` clips them, so a 16-bit
-PNG becomes white), and transparent images are composited onto white, as transformers' `convert_to_rgb` does.
+PNG becomes white), and transparent images are composited onto white, as transformers 5's `convert_to_rgb` does.
 
 [`check_image_files`] decodes every file once, in parallel, before training starts, and remembers the files that
 decoded (by path, size and modification time) in a small cache file under the user's cache folder, never in the

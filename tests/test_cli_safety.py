@@ -447,12 +447,14 @@ def test_image_modes_convert_without_clipping(tmp_path):
     assert np.array_equal(np.asarray(image_tools.to_rgb(Image.fromarray(floats)))[..., 0],
                           np.round((floats.astype(np.float64) + 2.0) / 8.0 * 255))  # fmt: skip
 
-    # Transparency composited onto white, as transformers' `convert_to_rgb` does.
-    from transformers.image_transforms import convert_to_rgb
-
+    # Transparency composited onto white (as transformers 5's `convert_to_rgb` does; 4.x drops the alpha instead):
+    # colour * alpha + white * (1 - alpha), within PIL's integer rounding.
     rng = np.random.default_rng(0)
-    rgba = Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA")
-    assert np.array_equal(np.asarray(image_tools.to_rgb(rgba)), np.asarray(convert_to_rgb(rgba)))
+    pixels = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    alpha = pixels[..., 3:].astype(np.float64) / 255
+    composite = pixels[..., :3] * alpha + 255 * (1 - alpha)
+    converted = np.asarray(image_tools.to_rgb(Image.fromarray(pixels, "RGBA"))).astype(np.float64)
+    assert np.abs(converted - composite).max() <= 1.0
     la = Image.fromarray(np.dstack([np.full((4, 4), 10, np.uint8), np.full((4, 4), 0, np.uint8)]), "LA")
     assert (np.asarray(image_tools.to_rgb(la)) == 255).all()  # fully transparent: the white background
     palette = Image.new("P", (4, 4), 0)
