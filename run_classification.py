@@ -40,44 +40,47 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from torchvision import transforms
 from torchvision.transforms import v2
-from transformers import BitImageProcessor, Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 from configuration_hivit_mae import HiViTMAEConfig
 from hivit_mae_tools.cli import UserError, check_model_path, run_cli
-from hivit_mae_tools.conversion.writer import IMAGENET_MEAN, IMAGENET_STD, preprocessor_config
+from hivit_mae_tools.config_overrides import apply_config_overrides, parse_config_overrides
+from hivit_mae_tools.data import (
+    DatasetArguments,
+    class_names,
+    find_image_column,
+    find_label_column,
+    load_hub_split,
+    load_image_folder,
+    validation_label_map,
+)
 from hivit_mae_tools.finetune_recipes import (
     START_DESCRIPTIONS,
     FineTuningRecipe,
+    LayerDecayTrainer,
     choose_recipe,
     initialise_fresh_weights,
-    layer_decay_parameter_groups,
 )
-from hivit_mae_tools.images import check_dataset_images, load_image
+from hivit_mae_tools.images import load_image
 from hivit_mae_tools.outputs import staged_output
+from hivit_mae_tools.preprocessing import IMAGENET_MEAN, IMAGENET_STD, image_processor
 from hivit_mae_tools.training import (
     CheckpointCompleteCallback,
     check_training_output,
     finish_processes,
     parse_training_args,
     resolve_resume,
+    scale_learning_rate,
+    setup_logging,
 )
 from modeling_hivit_mae import HiViTMAEForImageClassification
-from run_pretraining import (
-    apply_config_overrides,
-    check_image_folder,
-    find_image_column,
-    parse_config_overrides,
-    scale_learning_rate,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -147,81 +150,46 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(DatasetArguments):
     """Which labelled images to train and evaluate on."""
 
-    train_dir: Optional[str] = field(
-        default=None, metadata={"help": "Folder with one sub-folder of images per class."}
+    validation_dir: Optional[str] = field(
+        default=None, metadata={"help": "Folder with one sub-folder of images per class, for evaluation."}
     )
-    validation_dir: Optional[str] = field(default=None, metadata={"help": "The same layout, for evaluation."})
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset (or local dataset script)."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Configuration of the dataset."})
-    train_split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
     validation_split: Optional[str] = field(default=None, metadata={"help": "Split of the dataset to evaluate on."})
     validation_fraction: float = field(
         default=0.0, metadata={"help": "Without a validation set: hold out this fraction of the training set."}
     )
-    image_column_name: Optional[str] = field(default=None, metadata={"help": "Column holding the images."})
     label_column_name: Optional[str] = field(
         default=None, metadata={"help": "Column holding the class indices; default: the only ClassLabel column."}
     )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})
     augment: bool = field(
         default=True, metadata={"help": "RandAugment and RandomErasing (random crop and flip are always on)."}
-    )
-    skip_bad_images: bool = field(
-        default=False,
-        metadata={
-            "help": "Drop the files of --train_dir / --validation_dir that cannot be decoded (and say how many) "
-            "instead of stopping before training with their list."
-        },
     )
 
 
 def load_splits(data_args: DataArguments, cache_dir: Optional[str]) -> tuple[Dataset, Optional[Dataset]]:
     """The training set and the validation set (None without one)."""
     if data_args.dataset_name is not None:
-        sources = (data_args.train_split, data_args.validation_split)
-
-        def load(name: str) -> Dataset:
-            return load_dataset(data_args.dataset_name, data_args.dataset_config_name, split=name, cache_dir=cache_dir)
-
+        train = load_hub_split(data_args, data_args.train_split, cache_dir)
+        validation = (
+            load_hub_split(data_args, data_args.validation_split, cache_dir) if data_args.validation_split else None
+        )
     elif data_args.train_dir is not None:
-        sources = (data_args.train_dir, data_args.validation_dir)
 
-        def load(folder: str) -> Dataset:
-            check_image_folder(folder)
-            dataset = load_dataset("imagefolder", data_dir=folder, split="train", cache_dir=cache_dir)
-            # Every file decoded once before training; then decoded again in our transform, naming the file.
-            column = find_image_column(dataset, data_args.image_column_name)
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
-            flag = "--train_dir" if folder == data_args.train_dir else "--validation_dir"
-            return check_dataset_images(dataset, column, f"{flag} {folder}", data_args.skip_bad_images)
+        def load(folder: str, flag: str) -> Dataset:
+            return load_image_folder(folder, flag, data_args.image_column_name, data_args.skip_bad_images, cache_dir)
 
+        train = load(data_args.train_dir, "--train_dir")
+        validation = load(data_args.validation_dir, "--validation_dir") if data_args.validation_dir else None
     else:
         raise UserError("give the labelled training images: --train_dir or --dataset_name", usage=True)
-    train = load(sources[0])
-    validation = load(sources[1]) if sources[1] else None
     if validation is None and data_args.validation_fraction > 0:
         held_out = train.train_test_split(test_size=data_args.validation_fraction, seed=0)
         train, validation = held_out["train"], held_out["test"]
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     return train, validation
-
-
-def find_label_column(dataset: Dataset, requested: Optional[str]) -> str:
-    columns = dataset.column_names
-    if requested is not None:
-        if requested not in columns:
-            raise ValueError(f"--label_column_name {requested!r} is not a column of the dataset; columns: {columns}")
-        return requested
-    labels = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel)]
-    if len(labels) == 1:
-        return labels[0]
-    if "label" in columns:
-        return "label"
-    raise ValueError(f"Cannot tell which column holds the class labels; pass --label_column_name (columns: {columns})")
 
 
 class LabelledImageTransform:
@@ -311,51 +279,20 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoot
     return -(targets * logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()
 
 
-def decay_parameter_names(model: torch.nn.Module) -> list[str]:
-    """The trainable parameters that decay under mmpretrain's HiViT `paramwise_cfg`: the weight matrices (norms,
-    biases and other one-dimensional parameters get `*_decay_mult=0`), less the position and relative position
-    bias tables. The original repository's `param_groups_lrd` exempts the same tensors (1-D parameters,
-    `absolute_pos_embed`, `*.relative_position_bias_table`)."""
-    no_decay = ("position_embeddings", "relative_position_bias_table")
-    return [
-        name
-        for name, parameter in model.named_parameters()
-        if parameter.requires_grad and parameter.ndim > 1 and not any(part in name for part in no_decay)
-    ]
-
-
-class ClassificationTrainer(Trainer):
-    """Trainer with the recipes' weight-decay grouping (and the original's layer-wise learning-rate decay), batch
-    mixing in training, a label-smoothed soft-target loss, and a model card that names the recipe."""
+class ClassificationTrainer(LayerDecayTrainer):
+    """The recipes' optimizer (`LayerDecayTrainer`), batch mixing in training, a label-smoothed soft-target loss, and a
+    model card that names the recipe."""
 
     def __init__(
         self,
         *args,
         label_smoothing: float = 0.0,
         mix: Optional[v2.Transform] = None,
-        layer_decay: Optional[float] = None,
         recipe_card: Optional[str] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.label_smoothing, self.mix = label_smoothing, mix
-        self.layer_decay, self.recipe_card = layer_decay, recipe_card
-
-    def get_decay_parameter_names(self, model) -> list[str]:
-        return decay_parameter_names(model)
-
-    def create_optimizer(self, *args, **kwargs):
-        if self.optimizer is None and self.layer_decay is not None and self.layer_decay != 1.0:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            groups = layer_decay_parameter_groups(
-                self.model,
-                self.args.learning_rate,
-                self.args.weight_decay,
-                self.layer_decay,
-                decay_parameter_names(self.model),
-            )
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return super().create_optimizer(*args, **kwargs)
+        self.label_smoothing, self.mix, self.recipe_card = label_smoothing, mix, recipe_card
 
     def create_model_card(self, *args, **kwargs):
         super().create_model_card(*args, **kwargs)
@@ -379,35 +316,6 @@ def accuracy(prediction) -> dict[str, float]:
         top5 = np.argsort(-logits, axis=-1)[:, :5]
         metrics["top5_accuracy"] = float((top5 == labels[:, None]).any(-1).mean())
     return metrics
-
-
-def class_names(dataset: Dataset, label_column: str) -> Optional[list[str]]:
-    """The class names of a `ClassLabel` column (None for plain integer labels); duplicates are refused, since
-    `label2id` would silently lose a class."""
-    feature = dataset.features[label_column]
-    if not isinstance(feature, datasets.ClassLabel):
-        return None
-    duplicated = sorted({name for name in feature.names if feature.names.count(name) > 1})
-    if duplicated:
-        raise UserError(f"class names {duplicated} occur more than once in column {label_column!r}")
-    return list(feature.names)
-
-
-def validation_label_map(train_names: list[str], validation_names: Optional[list[str]]) -> Optional[list[int]]:
-    """Map the validation set's class indices to the training set's by class name. Classes that only one of the two
-    sets has are refused with their names: scoring by position would compare different classes."""
-    if validation_names is None:
-        return None
-    unknown = [name for name in validation_names if name not in train_names]
-    missing = [name for name in train_names if name not in validation_names]
-    if unknown or missing:
-        raise UserError(
-            "the validation classes do not match the training classes:"
-            + (f" not in training: {unknown}" if unknown else "")
-            + (";" if unknown and missing else "")
-            + (f" missing from validation: {missing}" if missing else "")
-        )
-    return [train_names.index(name) for name in validation_names]
 
 
 def build_model(
@@ -513,9 +421,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
     """Parse `args` (default: the command line), fine-tune, evaluate and return the final metrics."""
     user_args = list(sys.argv[1:] if args is None else args)
     model_args, data_args, training_args, recipe, start = parse_args(user_args)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    datasets.utils.logging.set_verbosity(logging.WARNING)
-    transformers.utils.logging.set_verbosity(logging.WARNING)
+    setup_logging(training_args, logger)
     chosen_by = "picked by --recipe" if model_args.recipe != "auto" else f"picked for {START_DESCRIPTIONS[start]}"
     logger.info("Fine-tuning recipe: %s (%s), %s", recipe.name, recipe.source, chosen_by)
 
@@ -550,9 +456,7 @@ def main(args: Optional[list[str]] = None) -> dict[str, float]:
 
     model = build_model(model_args, recipe, start, id2label)
     size = model.config.image_size
-    settings = preprocessor_config(size)
-    del settings["image_processor_type"]
-    processor = BitImageProcessor(**settings)
+    processor = image_processor(size)
 
     num_labels = len(id2label)
     train.set_transform(

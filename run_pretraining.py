@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import shlex
 import statistics
 import sys
@@ -32,22 +31,17 @@ from typing import Any, Optional
 
 import datasets
 import torch
-import transformers
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from PIL import Image
-from transformers import (
-    BitImageProcessor,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from configuration_hivit_mae import HIVIT_ARCHS, HiViTMAEConfig
 from hivit_mae_tools.cli import UserError, check_model_path, run_cli
-from hivit_mae_tools.conversion.writer import preprocessor_config
-from hivit_mae_tools.images import check_dataset_images, load_image
+from hivit_mae_tools.config_overrides import apply_config_overrides, parse_config_overrides
+from hivit_mae_tools.data import DatasetArguments, find_image_column, load_hub_split, load_image_folder
+from hivit_mae_tools.images import load_image
 from hivit_mae_tools.outputs import staged_output
+from hivit_mae_tools.preprocessing import image_processor
 from hivit_mae_tools.pretraining_data import (
     ImageTransform,
     build_transform,
@@ -55,36 +49,21 @@ from hivit_mae_tools.pretraining_data import (
     normalize_pixel_values,
     set_train_transform,
 )
+from hivit_mae_tools.reconstruction import stack_vertically, visualize
+from hivit_mae_tools.sample_images import SAMPLE_IMAGES, sample_images
 from hivit_mae_tools.training import (
     CheckpointCompleteCallback,
     check_training_output,
     finish_processes,
     parse_training_args,
     resolve_resume,
+    scale_learning_rate,
+    setup_logging,
 )
 from modeling_hivit_mae import HiViTMAEForPreTraining
-from visualize_reconstruction import stack_vertically, visualize
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-# The photographs (colour, real scenes) shipped inside scikit-image's wheel; no download needed.
-BUILTIN_IMAGES = (
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "immunohistochemistry",
-    "hubble_deep_field",
-    "retina",
-    "camera",
-    "moon",
-    "coins",
-    "grass",
-    "gravel",
-    "brick",
-)
 # Held out of the demo's training set, shown in its figure next to training images.
 BUILTIN_HELD_OUT = ("chelsea",)
 BUILTIN_FIGURE_IMAGES = ("astronaut", "coffee", "chelsea")
@@ -183,22 +162,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
+class DataTrainingArguments(DatasetArguments):
     """Which images to train on and how to augment them."""
 
-    dataset_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset (or local dataset script)."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Configuration of the dataset."})
-    train_split: str = field(default="train", metadata={"help": "Split of the dataset to train on."})
-    train_dir: Optional[str] = field(
-        default=None, metadata={"help": "Local folder of images (sub-folders allowed), read with `imagefolder`."}
-    )
-    image_column_name: Optional[str] = field(
-        default=None,
-        metadata={"help": "Column holding the images; default: the dataset's only Image column, or 'image'/'img'."},
-    )
-    max_train_samples: Optional[int] = field(
-        default=None, metadata={"help": "Truncate the training set to this many images (debugging)."}
-    )
     streaming: bool = field(
         default=False,
         metadata={
@@ -230,73 +196,20 @@ class DataTrainingArguments:
         default=True,
         metadata={"help": "Write reconstruction figures (before/after training) into the output folder."},
     )
-    skip_bad_images: bool = field(
-        default=False,
-        metadata={
-            "help": "Drop the files of --train_dir that cannot be decoded (and say how many) instead of stopping "
-            "before training with their list."
-        },
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------- data
 
 
-def builtin_images(names=BUILTIN_IMAGES, max_side: int = 320) -> dict[str, Image.Image]:
-    """scikit-image's bundled photographs as RGB PIL images, downscaled to at most `max_side` pixels."""
-    try:
-        from skimage import data as skimage_data
-    except ImportError as error:
-        raise UserError(
-            "the built-in demo trains on scikit-image's sample photographs: `pip install scikit-image`, or pass "
-            "--train_dir / --dataset_name"
-        ) from error
-    images = {}
-    for name in names:
-        array = getattr(skimage_data, name)()
-        if array.ndim == 2:
-            array = array[:, :, None].repeat(3, axis=2)
-        image = Image.fromarray(array[:, :, :3].astype("uint8")).convert("RGB")
-        image.thumbnail((max_side, max_side), Image.BICUBIC)
-        images[name] = image
-    return images
-
-
 def builtin_dataset(repeats: int = 16) -> Dataset:
     """The demo's training set: the built-in photographs (minus the held-out ones), each listed `repeats` times so
     that an epoch holds many different random crops."""
-    images = builtin_images([name for name in BUILTIN_IMAGES if name not in BUILTIN_HELD_OUT])
+    images = sample_images([name for name in SAMPLE_IMAGES if name not in BUILTIN_HELD_OUT])
     dataset = Dataset.from_dict(
         {"image": list(images.values()), "name": list(images)},
         features=datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")}),
     )
     return datasets.concatenate_datasets([dataset] * repeats)
-
-
-def check_image_folder(train_dir: str):
-    folder = Path(train_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--train_dir {train_dir!r} is not a folder")
-    if not any(path.suffix.lower() in IMAGE_EXTENSIONS for path in folder.rglob("*") if path.is_file()):
-        raise ValueError(
-            f"--train_dir {train_dir!r} holds no image files (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
-
-
-def find_image_column(dataset: Dataset, requested: Optional[str]) -> str:
-    columns = dataset.column_names or []
-    if requested is not None:
-        if requested not in columns:
-            raise ValueError(f"--image_column_name {requested!r} is not a column of the dataset; columns: {columns}")
-        return requested
-    features = dataset.features or {}  # a stream may not know its features
-    image_columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
-    if len(image_columns) == 1:
-        return image_columns[0]
-    for name in ("image", "img"):
-        if name in columns:
-            return name
-    raise ValueError(f"Cannot tell which column holds the images; pass --image_column_name (columns: {columns})")
 
 
 def load_train_dataset(data_args: DataTrainingArguments, model_args: ModelArguments) -> tuple[Dataset, str, str]:
@@ -307,19 +220,18 @@ def load_train_dataset(data_args: DataTrainingArguments, model_args: ModelArgume
     if data_args.streaming and data_args.masking_seed is not None:
         raise ValueError("--masking_seed needs the index of every image, which a stream (--streaming) does not give")
     if data_args.dataset_name is not None:
-        dataset = load_dataset(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            split=data_args.train_split,
-            cache_dir=model_args.cache_dir,
-            streaming=data_args.streaming,
-            **({"trust_remote_code": True} if model_args.trust_remote_code else {}),
+        dataset = load_hub_split(
+            data_args, data_args.train_split, model_args.cache_dir, data_args.streaming, model_args.trust_remote_code
         )
         source = f"Hub dataset `{data_args.dataset_name}` (split `{data_args.train_split}`)"
     elif data_args.train_dir is not None:
-        check_image_folder(data_args.train_dir)
-        dataset = load_dataset(
-            "imagefolder", data_dir=data_args.train_dir, split="train", cache_dir=model_args.cache_dir
+        dataset = load_image_folder(
+            data_args.train_dir,
+            "--train_dir",
+            data_args.image_column_name,
+            data_args.skip_bad_images,
+            model_args.cache_dir,
+            data_args.max_train_samples,
         )
         source = f"image folder `{data_args.train_dir}`"
     else:
@@ -334,12 +246,9 @@ def load_train_dataset(data_args: DataTrainingArguments, model_args: ModelArgume
             dataset = dataset.take(data_args.max_train_samples)
         else:
             dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
-    if isinstance((dataset.features or {}).get(column), datasets.Image):
+    if isinstance((dataset.features or {}).get(column), datasets.Image) and dataset.features[column].decode:
         # Decode in our transform, so that an unreadable file is reported with its path.
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    if data_args.train_dir is not None:
-        where = f"--train_dir {data_args.train_dir}"
-        dataset = check_dataset_images(dataset, column, where, data_args.skip_bad_images)
     if data_args.masking_seed is not None:
         dataset = dataset.add_column("sample_index", list(range(len(dataset))))
     return dataset, column, source
@@ -448,22 +357,6 @@ def compile_by_default(training_args: TrainingArguments, user_args: list[str]) -
     return not any(arg.split("=")[0] in flags for arg in user_args)
 
 
-def scale_learning_rate(
-    training_args: TrainingArguments, user_args: list[str], base_learning_rate: float, per_images: int
-) -> int:
-    """Set the learning rate to `base_learning_rate * total batch / per_images`, as mmpretrain's `auto_scale_lr` (and
-    MAE's `blr`) do, unless `user_args` give `--learning_rate`. Returns the total batch: per-device batch x gradient
-    accumulation x processes."""
-    total_batch = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-    )
-    if not any(arg == "--learning_rate" or arg.startswith("--learning_rate=") for arg in user_args):
-        training_args.learning_rate = base_learning_rate * total_batch / per_images
-    return total_batch
-
-
 def prepare_train_dataset(
     dataset, image_column: str, config: HiViTMAEConfig, data_args: DataTrainingArguments, seed: int
 ):
@@ -483,13 +376,11 @@ def prepare_train_dataset(
 
 def build_trainer(model, training_args: TrainingArguments, train_dataset, callbacks=()) -> "MAETrainer":
     """The Trainer of `main`; `trainer.get_train_dataloader()` is the training DataLoader (benchmarks use it)."""
-    # Saved with the weights and every checkpoint, so that `AutoImageProcessor` loads from them for downstream use.
-    settings = preprocessor_config(model.config.image_size)
-    del settings["image_processor_type"]
     return MAETrainer(
         model=model,
         args=training_args,
-        processing_class=BitImageProcessor(**settings),
+        # Saved with the weights and every checkpoint, so that `AutoImageProcessor` loads from them downstream.
+        processing_class=image_processor(model.config.image_size),
         train_dataset=train_dataset,
         data_collator=collate_fn,
         callbacks=[RankSeedCallback(), CheckpointCompleteCallback(), *callbacks],
@@ -497,42 +388,6 @@ def build_trainer(model, training_args: TrainingArguments, train_dataset, callba
 
 
 # ------------------------------------------------------------------------------------------------------- model
-def parse_config_overrides(text: Optional[str]) -> dict[str, Any]:
-    """`"a=1,b=[1,2],c=gelu"` or `'{"a": 1}'` -> dict; values are parsed as JSON when they can be."""
-    if not text:
-        return {}
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserError(f"--config_overrides is not a valid JSON object: {error}", usage=True) from error
-    overrides = {}
-    for item in re.split(r",(?![^\[]*\])", text):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise UserError(f"--config_overrides item {item!r} is not of the form key=value", usage=True)
-        key, value = (part.strip() for part in item.split("=", 1))
-        try:
-            overrides[key] = json.loads(value.replace("True", "true").replace("False", "false"))
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def apply_config_overrides(config: HiViTMAEConfig, overrides: dict[str, Any]):
-    """Set `overrides` on a loaded config; unknown fields and invalid architectures raise a usage `UserError`."""
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise UserError(f"--config_overrides: HiViTMAEConfig has no field {key!r}", usage=True)
-        setattr(config, key, value)
-    try:
-        config.validate_architecture()
-    except ValueError as error:
-        raise UserError(str(error), usage=True) from error
-
-
 def build_model(model_args: ModelArguments) -> HiViTMAEForPreTraining:
     overrides = parse_config_overrides(model_args.config_overrides)
     if model_args.mask_ratio is not None:
@@ -620,15 +475,7 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
             "--streaming needs --max_steps: a stream has no length, so epochs cannot be counted", usage=True
         )
 
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = logging.INFO if training_args.should_log else logging.WARNING
-    logger.setLevel(log_level)
-    datasets.utils.logging.set_verbosity(logging.WARNING)
-    transformers.utils.logging.set_verbosity(logging.WARNING)
+    setup_logging(training_args, logger)
 
     total_batch = scale_learning_rate(training_args, user_args, model_args.base_learning_rate, 256)
     logger.info(
@@ -660,7 +507,7 @@ def main(args: Optional[list[str]] = None, callbacks: Optional[list[TrainerCallb
     summary: dict[str, Any] = {"table": {}}
     if data_args.reconstruction_figure and is_main:
         if demo:
-            figure_images = list(builtin_images(BUILTIN_FIGURE_IMAGES).values())
+            figure_images = list(sample_images(BUILTIN_FIGURE_IMAGES).values())
         else:
             if streamed:
                 rows = raw_dataset.take(3)

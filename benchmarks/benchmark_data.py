@@ -33,10 +33,13 @@ sys.path.insert(0, str(ROOT))
 
 import run_pretraining  # noqa: E402
 from configuration_hivit_mae import HiViTMAEConfig  # noqa: E402
+from hivit_mae_tools.data import IMAGE_EXTENSIONS  # noqa: E402
+from hivit_mae_tools.images import load_image  # noqa: E402
+from hivit_mae_tools.preprocessing import IMAGENET_MEAN as IMAGE_MEAN  # noqa: E402
+from hivit_mae_tools.preprocessing import IMAGENET_STD as IMAGE_STD  # noqa: E402
 from hivit_mae_tools.pretraining_data import ImageTransform, set_train_transform  # noqa: E402
 from hivit_mae_tools.training import parse_training_args  # noqa: E402
 from modeling_hivit_mae import HiViTMAEForPreTraining  # noqa: E402
-from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD  # noqa: E402
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int = 0, unique: int = 256) -> Path:
@@ -102,7 +105,7 @@ def build_loader(args, model, workers: int, pipeline: str):
         dataset = run_pretraining.prepare_train_dataset(raw, column, config, data_args, training_args.seed)
     else:
         transform = previous_transform(args.image_size, data_args.crop_min_scale)
-        decode = run_pretraining.load_image
+        decode = load_image
         dataset = set_train_transform(raw, ImageTransform(column, transform, config.num_patches, decode=decode))
     trainer = run_pretraining.build_trainer(model, training_args, dataset)
     if pipeline == "previous":
@@ -130,7 +133,7 @@ def decode_rate(files: list[Path], repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         for path in files:
-            run_pretraining.load_image(str(path))
+            load_image(str(path))
         rates.append(len(files) / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -157,7 +160,7 @@ def main(argv=None):
             source = f"generated JPEGs of {args.jpeg_size}"
             width, height = (int(side) for side in args.jpeg_size.split("x"))
             args.train_dir = make_jpegs(Path(scratch) / "jpegs", args.images, (width, height))
-        files = sorted(p for p in args.train_dir.rglob("*") if p.suffix.lower() in run_pretraining.IMAGE_EXTENSIONS)
+        files = sorted(p for p in args.train_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         ceiling = decode_rate(files, args.repeats)
         settings = [("current", workers) for workers in args.workers]
         if args.baseline:

@@ -1,2 +1,5 @@
-"""Shared command-line tooling of the HiViT-MAE scripts: error reporting (`cli`), safe output folders (`outputs`),
-image decoding and checking (`images`) and Trainer helpers (`training`)."""
+"""What the HiViT-MAE commands share (each root command keeps only its own task): error reporting (`cli`), safe output
+folders (`outputs`), Trainer plumbing (`training`), data loading (`data`, `images`, `pretraining_data`,
+`sample_images`), the image processor (`preprocessing`), `config_overrides`, the fine-tuning recipes
+(`finetune_recipes`), reconstruction figures (`reconstruction`) and the converter (`conversion`). The package imports
+no root command."""

@@ -1,5 +1,5 @@
-"""The two fine-tuning recipes of `run_classification.py`, which one fits a starting folder, and the original HiViT
-repository's layer-wise learning-rate decay.
+"""The two fine-tuning recipes of `run_classification.py`, which one fits a starting folder, and the optimizer they
+share: which tensors decay, and the original HiViT repository's layer-wise learning-rate decay (`LayerDecayTrainer`).
 
 - `original`: the fine-tuning recipe of the original HiViT repository (github.com/zhangxiaosong18/hivit,
   `self_supervised/main_finetune.py` with the command of `get_started.md`), the only published recipe for fine-tuning
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from configuration_hivit_mae import HIVIT_ARCHS
 
@@ -202,6 +202,19 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     return ids, num_layers
 
 
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """The trainable parameters that decay under mmpretrain's HiViT `paramwise_cfg`: the weight matrices (norms,
+    biases and other one-dimensional parameters get `*_decay_mult=0`), less the position and relative position
+    bias tables. The original repository's `param_groups_lrd` exempts the same tensors (1-D parameters,
+    `absolute_pos_embed`, `*.relative_position_bias_table`)."""
+    no_decay = ("position_embeddings", "relative_position_bias_table")
+    return [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and parameter.ndim > 1 and not any(part in name for part in no_decay)
+    ]
+
+
 def layer_decay_parameter_groups(
     model: nn.Module, learning_rate: float, weight_decay: float, layer_decay: float, decay_names: list[str]
 ) -> list[dict]:
@@ -226,6 +239,31 @@ def layer_decay_parameter_groups(
             }
         groups[key]["params"].append(parameter)
     return [groups[key] for key in sorted(groups, key=lambda key: (-key[0], not key[1]))]
+
+
+class LayerDecayTrainer(Trainer):
+    """Trainer with the fine-tuning recipes' optimizer: weight decay on [`decay_parameter_names`] only, and with
+    `layer_decay` (other than None or 1) the layer-wise learning rates of [`layer_decay_parameter_groups`]."""
+
+    def __init__(self, *args, layer_decay: Optional[float] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_decay = layer_decay
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return decay_parameter_names(model)
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None and self.layer_decay is not None and self.layer_decay != 1.0:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            groups = layer_decay_parameter_groups(
+                self.model,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                self.layer_decay,
+                decay_parameter_names(self.model),
+            )
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return super().create_optimizer(*args, **kwargs)
 
 
 def initialise_fresh_weights(

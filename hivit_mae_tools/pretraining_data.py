@@ -1,7 +1,7 @@
 """The input pipeline of `run_pretraining.py`: dataloader workers decode and crop images to uint8, the training device
 normalises them.
 
-Per image, a worker runs one decode (the caller's `decode`, e.g. `run_pretraining.load_image`), mmpretrain's MAE
+Per image, a worker runs one decode (the caller's `decode`, e.g. `hivit_mae_tools.images.load_image`), mmpretrain's MAE
 augmentation on the uint8 pixels (RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip, torchvision's v2
 transforms) and hands over a `(3, height, width)` uint8 tensor; `collate_fn` stacks those straight into the shared
 memory that carries the batch to the training process. There `normalize_pixel_values` turns the batch into the
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
-from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 
 def build_transform(image_size: int, augment: bool = True, crop_min_scale: float = 0.2) -> v2.Compose:
@@ -47,8 +47,8 @@ def build_transform(image_size: int, augment: bool = True, crop_min_scale: float
 @cache
 def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Built once per device, so that normalising a batch does not copy the statistics to the GPU every step.
-    mean = torch.tensor(IMAGE_MEAN, device=device).view(-1, 1, 1)
-    std = torch.tensor(IMAGE_STD, device=device).view(-1, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(-1, 1, 1)
     return mean, std
 
 

@@ -1,14 +1,18 @@
-"""Trainer plumbing shared by `run_pretraining.py` and `run_classification.py`: argument parsing with one-line usage
-errors, the output-folder rules of a training run, and resuming from the newest complete checkpoint."""
+"""Trainer plumbing shared by the training scripts: argument parsing with one-line usage errors, logging, the
+learning rate scaled by the batch, the output-folder rules of a training run, and resuming from the newest complete
+checkpoint."""
 
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import torch
+import transformers
 from accelerate import PartialState
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 
@@ -50,6 +54,37 @@ def parse_training_args(dataclass_types: tuple, args: list[str]) -> tuple:
         parsed[len(dataclass_types) - 1].overwrite_output_dir = parsed[-1].overwrite_output_dir
         parsed = parsed[:-1]
     return tuple(parsed)
+
+
+def setup_logging(training_args: TrainingArguments, script_logger: logging.Logger):
+    """Log `script_logger`'s and this package's INFO lines to stdout on the main process (WARNING on the others), and
+    only warnings of datasets and transformers."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    for each in (script_logger, logging.getLogger(__package__)):
+        each.setLevel(level)
+    datasets.utils.logging.set_verbosity(logging.WARNING)
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+
+
+def scale_learning_rate(
+    training_args: TrainingArguments, user_args: list[str], base_learning_rate: float, per_images: int
+) -> int:
+    """Set the learning rate to `base_learning_rate * total batch / per_images`, as mmpretrain's `auto_scale_lr` (and
+    MAE's `blr`) do, unless `user_args` give `--learning_rate`. Returns the total batch: per-device batch x gradient
+    accumulation x processes."""
+    total_batch = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
+    if not any(arg == "--learning_rate" or arg.startswith("--learning_rate=") for arg in user_args):
+        training_args.learning_rate = base_learning_rate * total_batch / per_images
+    return total_batch
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints

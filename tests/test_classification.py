@@ -15,6 +15,7 @@ from PIL import Image
 
 import run_classification
 from configuration_hivit_mae import HiViTMAEConfig
+from hivit_mae_tools import finetune_recipes
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining
 
 SMALL = dict(hidden_size=64, depths=[1, 1, 2], num_attention_heads=4, image_size=64)
@@ -347,7 +348,7 @@ def test_weight_decay_against_mmengine():
     theirs = {key for name in decayed for key in convert_state_dict({name: torch.zeros(1)}, config)[0]}
 
     model = HiViTMAEForImageClassification(config)
-    assert set(run_classification.decay_parameter_names(model)) == theirs
+    assert set(finetune_recipes.decay_parameter_names(model)) == theirs
     assert "hivit.position_embeddings" not in theirs and "classifier.weight" in theirs
 
 

@@ -21,6 +21,8 @@ import visualize_reconstruction
 from configuration_hivit_mae import HiViTMAEConfig
 from hivit_mae_tools import images as image_tools
 from hivit_mae_tools.cli import UserError, check_model_path
+from hivit_mae_tools.data import class_names, validation_label_map
+from hivit_mae_tools.images import load_image
 from hivit_mae_tools.outputs import STAGING_MARKER, check_output_dir, clean_stale_staging, staged_output
 from hivit_mae_tools.training import COMPLETE_MARKER, resolve_resume
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining, HiViTMAEModel
@@ -467,7 +469,7 @@ def test_image_modes_convert_without_clipping(tmp_path):
     assert np.asarray(image_tools.to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
 
     # The visualiser reads the same 16-bit file correctly.
-    assert np.array_equal(np.asarray(visualize_reconstruction.load_image(tmp_path / "ramp16.png")), rgb)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "ramp16.png")), rgb)
 
 
 # -------------------------------------------------------------------------------------------- classification
@@ -485,7 +487,7 @@ def test_validation_classes_are_matched_by_name(folders, tmp_path, capsys):
         assert_one_error(*run(run_classification.cli, args, capsys), message)
         assert not output_dir.exists()
 
-    assert run_classification.validation_label_map(["cat", "dog"], ["dog", "cat"]) == [1, 0]
+    assert validation_label_map(["cat", "dog"], ["dog", "cat"]) == [1, 0]
     transform = run_classification.LabelledImageTransform("image", "label", lambda image: image, 2, [1, 0])
     batch = transform({"image": [Image.new("RGB", (4, 4))] * 2, "label": [0, 1]})
     assert batch["labels"] == [1, 0]  # validation "dog" (0) is training class 1
@@ -500,7 +502,7 @@ def test_duplicate_class_names_are_refused():
     feature.names = ["a", "b", "a"]  # e.g. a feature deserialised by an older datasets
     dataset = datasets.Dataset.from_dict({"label": [0, 1]}, features=datasets.Features({"label": feature}))
     with pytest.raises(UserError, match=r"class names \['a'\] occur more than once"):
-        run_classification.class_names(dataset, "label")
+        class_names(dataset, "label")
 
 
 # -------------------------------------------------------------------------------------------------- visualiser

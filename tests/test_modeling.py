@@ -552,7 +552,7 @@ def test_fine_tuning_with_trainer(tmp_path, make_config):
     from PIL import Image
     from transformers import BitImageProcessor, Trainer, TrainingArguments
 
-    from hivit_mae_tools.conversion.writer import preprocessor_config
+    from hivit_mae_tools.preprocessing import preprocessor_config
 
     HiViTMAEForPreTraining(make_config()).save_pretrained(tmp_path / "pretrained")
     rng = np.random.RandomState(0)

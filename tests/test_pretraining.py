@@ -18,6 +18,10 @@ from transformers import TrainerCallback
 import run_pretraining
 import visualize_reconstruction
 from configuration_hivit_mae import HiViTMAEConfig
+from hivit_mae_tools import reconstruction
+from hivit_mae_tools.config_overrides import parse_config_overrides
+from hivit_mae_tools.images import load_image
+from hivit_mae_tools.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from hivit_mae_tools.training import parse_training_args
 from modeling_hivit_mae import HiViTMAEForPreTraining
 
@@ -168,9 +172,9 @@ def test_weight_decay_against_mmengine():
 
 
 def test_config_overrides_parsing():
-    parsed = run_pretraining.parse_config_overrides("image_size=64,depths=[1,1,2],hidden_act=gelu,norm_pix_loss=False")
+    parsed = parse_config_overrides("image_size=64,depths=[1,1,2],hidden_act=gelu,norm_pix_loss=False")
     assert parsed == {"image_size": 64, "depths": [1, 1, 2], "hidden_act": "gelu", "norm_pix_loss": False}
-    assert run_pretraining.parse_config_overrides('{"mask_ratio": 0.5}') == {"mask_ratio": 0.5}
+    assert parse_config_overrides('{"mask_ratio": 0.5}') == {"mask_ratio": 0.5}
     with pytest.raises(ValueError, match="no field"):
         run_pretraining.build_model(run_pretraining.ModelArguments(arch="tiny", config_overrides="not_a_field=1"))
 
@@ -342,9 +346,9 @@ def test_visualize_reconstruction_writes_png(tmp_path):
         assert figure.width > 4 * 32 * 5 and figure.height > 2 * 32 * 5
 
     # Same seed, same masks and figure; the un-normalised reconstruction is exact on visible patches.
-    pixel_values = visualize_reconstruction.preprocess([Image.open(p) for p in sorted(images.iterdir())], 32)
-    first, loss = visualize_reconstruction.reconstruct(model, pixel_values, seed=3)
-    second, _ = visualize_reconstruction.reconstruct(model, pixel_values, seed=3)
+    pixel_values = reconstruction.preprocess([Image.open(p) for p in sorted(images.iterdir())], 32)
+    first, loss = reconstruction.reconstruct(model, pixel_values, seed=3)
+    second, _ = reconstruction.reconstruct(model, pixel_values, seed=3)
     for name in first:
         torch.testing.assert_close(first[name], second[name])
     assert np.isfinite(loss)
@@ -354,7 +358,7 @@ def test_visualize_reconstruction_writes_png(tmp_path):
     assert pasted_on_visible.masked_fill(masked, 0).abs().max() == 0
 
     with pytest.raises(ValueError, match="cannot read image"):
-        visualize_reconstruction.load_image(tmp_path / "model" / "config.json")
+        load_image(tmp_path / "model" / "config.json")
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -434,9 +438,7 @@ def test_dataloader_hands_over_full_uint8_batches_normalised_on_the_device(tmp_p
 
     noise = torch.rand(4, model.config.num_patches, generator=torch.Generator().manual_seed(0))
     loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "noise": noise})
-    normalized = transforms.Normalize(visualize_reconstruction.IMAGE_MEAN, visualize_reconstruction.IMAGE_STD)(
-        pixel_values.float() / 255
-    )
+    normalized = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(pixel_values.float() / 255)
     assert loss.item() == pytest.approx(model(normalized, noise=noise).loss.item(), rel=1e-6)
 
 

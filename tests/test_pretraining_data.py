@@ -9,9 +9,10 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
-import run_pretraining
+from hivit_mae_tools.preprocessing import IMAGENET_MEAN as IMAGE_MEAN
+from hivit_mae_tools.preprocessing import IMAGENET_STD as IMAGE_STD
 from hivit_mae_tools.pretraining_data import build_transform, normalize_pixel_values
-from visualize_reconstruction import IMAGE_MEAN, IMAGE_STD
+from hivit_mae_tools.sample_images import sample_images
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
@@ -39,7 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def photos():
-    return list(run_pretraining.builtin_images(("astronaut", "coffee", "rocket"), max_side=200).values())
+    return list(sample_images(("astronaut", "coffee", "rocket"), max_side=200).values())
 
 
 def test_normalisation_is_torchvisions_to_the_bit(photos):

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from configuration_hivit_mae import HiViTMAEConfig
-from hivit_mae_tools.conversion.writer import preprocessor_config
+from hivit_mae_tools.preprocessing import preprocessor_config
 from modeling_hivit_mae import HiViTMAEForImageClassification, HiViTMAEForPreTraining
 
 README = Path(__file__).resolve().parents[1] / "README.md"

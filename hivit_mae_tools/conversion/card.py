@@ -4,9 +4,9 @@ import json
 
 from configuration_hivit_mae import HIVIT_ARCHS
 
+from ..preprocessing import CROP_RATIO
 from .mmpretrain import PARITY_TOLERANCE
 from .types import ConversionReport
-from .writer import CROP_RATIO
 
 PAPER = '"HiViT: A Simpler and More Efficient Design of Hierarchical Vision Transformer", ICLR 2023'
 

@@ -10,6 +10,7 @@ import torch
 
 from configuration_hivit_mae import HiViTMAEConfig
 
+from ..preprocessing import preprocessor_config
 from .types import CheckpointError
 
 
@@ -115,32 +116,6 @@ def verify_folder(folder: Path, expected: dict, config: HiViTMAEConfig, kind: st
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise CheckpointError(f"a forward pass of the converted model gives non-finite {name}")
     return len(expected)
-
-
-# mmpretrain's HiViT evaluation pipeline (configs/_base_/datasets/imagenet_bs64_hivit_224.py): ResizeEdge(256, short
-# edge, pillow, bicubic), CenterCrop(224), then the data preprocessor's RGB mean / std on the 0-255 scale.
-IMAGENET_MEAN = [123.675 / 255, 116.28 / 255, 103.53 / 255]
-IMAGENET_STD = [58.395 / 255, 57.12 / 255, 57.375 / 255]
-CROP_RATIO = 224 / 256
-
-
-def preprocessor_config(image_size: int) -> dict:
-    """`BitImageProcessor` settings reproducing mmpretrain's HiViT evaluation preprocessing at `image_size` (also
-    what `run_pretraining.py` saves beside its weights)."""
-    return {
-        "image_processor_type": "BitImageProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"shortest_edge": round(image_size / CROP_RATIO)},
-        "resample": 3,  # PIL.Image.BICUBIC
-        "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": IMAGENET_MEAN,
-        "image_std": IMAGENET_STD,
-    }
 
 
 def save_folder(model: torch.nn.Module, folder: Path, dtype: torch.dtype, max_shard_size):
